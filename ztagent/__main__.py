@@ -1,0 +1,3 @@
+from ztagent.cli import main
+
+raise SystemExit(main())

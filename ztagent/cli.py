@@ -1,0 +1,56 @@
+"""The single `ztagent` command. Each feature module registers its own sub-commands."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from ztagent import __version__
+from ztagent.errors import ZtagentError
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ztagent.hbone import command as hbone_command
+    from ztagent.identity import command as ca_command
+
+    parser = argparse.ArgumentParser(
+        prog="ztagent",
+        description=(
+            "ztagent: a sidecarless (ambient) service-mesh node agent. Captured pod traffic is "
+            "carried between nodes in HBONE tunnels (HTTP/2 CONNECT over mutual TLS with "
+            "SPIFFE identities)."
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"ztagent {__version__}")
+    parser.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="log verbosity (default: info)",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    ca_command.register(sub)
+    hbone_command.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except ZtagentError as exc:
+        print(f"ztagent: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
