@@ -1,0 +1,154 @@
+"""The HBONE client: tunnels TCP connections to a destination through pooled connections."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import ssl
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from ztagent.errors import RemoteError
+from ztagent.hbone.connection import ConnectionInfo, HboneConnection, TcpLeg
+from ztagent.hbone.frames import Settings, format_authority
+from ztagent.hbone.pool import ConnectionPool, PoolKey
+from ztagent.hbone.session import HboneSession, Role
+from ztagent.hbone.tls import TlsConfig
+from ztagent.hbone.transport import TlsTransport, open_tls
+from ztagent.identity.spiffe import Identity
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT = 10.0
+
+
+class TunnelRefused(RemoteError):
+    """The HBONE server answered the CONNECT with something other than 200 (`code`)."""
+
+
+class TunnelFailed(RemoteError):
+    """No tunnel: the HBONE connection could not be made or was lost."""
+
+
+@dataclass(frozen=True, slots=True)
+class Tunnel:
+    """Where one tunnel goes: through `via` (an HBONE endpoint) to `authority`."""
+
+    via: tuple[str, int]
+    target: tuple[str, int]
+    expected_identities: frozenset[Identity] = frozenset()
+    source: tuple[str, int] | None = None
+    source_ip: str | None = None
+    host: str | None = None
+    baggage: Mapping[str, str] = field(default_factory=dict)
+    traceparent: str | None = None
+
+    @property
+    def authority(self) -> str:
+        return format_authority(*self.target)
+
+
+def new_traceparent() -> str:
+    return f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"
+
+
+def tunnel_headers(tunnel: Tunnel) -> list[tuple[str, str]]:
+    """The request headers ztunnel sends with a CONNECT."""
+    headers: list[tuple[str, str]] = []
+    if tunnel.source is not None:
+        forwarded = f'for="{format_authority(*tunnel.source)}"'
+        if tunnel.host:
+            forwarded += f";host={tunnel.host}"
+        headers.append(("forwarded", forwarded))
+    if tunnel.baggage:
+        headers.append(("baggage", ",".join(f"{k}={v}" for k, v in tunnel.baggage.items())))
+    headers.append(("traceparent", tunnel.traceparent or new_traceparent()))
+    return headers
+
+
+class HboneClient:
+    """Opens tunnels as one local identity; connections are pooled per `PoolKey`."""
+
+    def __init__(
+        self,
+        tls: TlsConfig,
+        settings: Settings | None = None,
+        mark: int | None = None,
+        connect_timeout: float = CONNECT_TIMEOUT,
+    ) -> None:
+        self.tls = tls
+        self.settings = settings or Settings()
+        self.mark = mark
+        self.connect_timeout = connect_timeout
+        self.pool = ConnectionPool(self._connect)
+
+    async def _connect(self, key: PoolKey) -> HboneConnection:
+        loop = asyncio.get_running_loop()
+        try:
+            sock = await asyncio.wait_for(
+                open_tls(
+                    loop,
+                    self.tls.client_context,
+                    key.destination,
+                    source_ip=key.source_ip,
+                    mark=self.mark,
+                ),
+                self.connect_timeout,
+            )
+        except TimeoutError:
+            raise TunnelFailed(f"HBONE connect to {_addr(key.destination)} timed out") from None
+        except ssl.SSLError as exc:
+            raise TunnelFailed(
+                f"TLS with {_addr(key.destination)} failed: {exc.reason or exc}"
+            ) from None
+        except OSError as exc:
+            raise TunnelFailed(
+                f"HBONE connect to {_addr(key.destination)} failed: {exc.strerror or exc}"
+            ) from None
+        try:
+            identity = self.tls.check_server(sock, key.destination_identities)
+        except RemoteError:
+            sock.close()
+            raise
+        local = sock.getsockname()[:2]
+        session = HboneSession(Role.CLIENT, self.settings, loop.time())
+        conn = HboneConnection(loop, session, ConnectionInfo(identity, local, key.destination))
+        conn.start(TlsTransport(loop, sock, conn))
+        return conn
+
+    async def open(self, leg: TcpLeg, tunnel: Tunnel) -> HboneConnection:
+        """Tunnel `leg` (an accepted app connection) to `tunnel.target`; raises on failure."""
+        key = PoolKey(self.tls.identity, tunnel.expected_identities, tunnel.source_ip, tunnel.via)
+        conn, sid = await self.pool.open_stream(key, tunnel.authority, tunnel_headers(tunnel))
+        future: asyncio.Future[int] = conn.loop.create_future()
+        conn.responses[sid] = future
+        conn.attach(leg, sid)
+        conn.flush()
+        try:
+            status = await asyncio.wait_for(future, self.connect_timeout)
+        except TimeoutError:
+            conn.legs.pop(sid, None)
+            leg.conn = None
+            conn.session.reset_stream(sid)
+            conn.flush()
+            raise TunnelFailed(f"CONNECT {tunnel.authority} timed out") from None
+        if status != 200:
+            conn.legs.pop(sid, None)
+            leg.conn = None
+            if status == 0:
+                raise TunnelFailed(f"HBONE connection lost before CONNECT {tunnel.authority}")
+            raise TunnelRefused(f"CONNECT {tunnel.authority} refused with {status}", status)
+        conn.start_relay(leg)
+        return conn
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+def _addr(address: tuple[str, int]) -> str:
+    return format_authority(*address)
+
+
+def expected(identities: Iterable[str]) -> frozenset[Identity]:
+    return frozenset(Identity.parse(i) for i in identities)

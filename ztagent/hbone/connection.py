@@ -1,0 +1,375 @@
+"""One live HBONE connection: an `HboneSession` on a `TlsTransport`, and its tunnels' app legs.
+
+Each tunnel's plaintext side is a `TcpLeg` (an asyncio BufferedProtocol). Bytes flow without
+copies: a leg reads into the shared receive buffer behind a 9-byte gap and the session writes
+the DATA frame header into that gap; tunnel payload arriving over TLS is written to the leg's
+transport as a slice of the buffer it was decrypted into.
+
+Backpressure crosses the legs: a leg whose transport is full stops acknowledging its stream
+window (the peer stops at 4 MiB); a stream without send credit, or a congested TLS transport,
+pauses reading on the legs that feed it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import cast
+
+from ztagent.hbone.frames import FRAME_HEADER_SIZE, ErrorCode
+from ztagent.hbone.session import (
+    ConnectionTerminated,
+    ConnectRequest,
+    DataReceived,
+    Event,
+    GoAwayReceived,
+    HboneSession,
+    ResponseReceived,
+    SendUnblocked,
+    SettingsReceived,
+    StreamEnded,
+    StreamReset,
+)
+from ztagent.hbone.transport import TlsReceiver, TlsTransport, receive_buffer
+from ztagent.identity.spiffe import Identity
+
+log = logging.getLogger(__name__)
+
+
+class TcpLeg(asyncio.BufferedProtocol):
+    """The plaintext TCP side of one tunnel."""
+
+    __slots__ = (
+        "conn",
+        "early",
+        "local_ended",
+        "read_paused",
+        "remote_ended",
+        "stream_id",
+        "transport",
+        "write_paused",
+    )
+
+    def __init__(self) -> None:
+        self.conn: HboneConnection | None = None
+        self.stream_id = 0
+        self.transport: asyncio.Transport | None = None
+        self.write_paused = False
+        self.read_paused = False
+        self.local_ended = False
+        self.remote_ended = False
+        self.early: list[bytes] | None = None  # tunnel bytes that arrived before the app connected
+
+    # -- asyncio.BufferedProtocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+        if self.conn is None or self.early is not None:
+            # The tunnel is not established yet: hold the app's bytes in the kernel.
+            self.pause_reading()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return receive_buffer().view[FRAME_HEADER_SIZE:]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        conn = self.conn
+        if conn is not None:
+            conn.leg_data(self, nbytes)
+
+    def eof_received(self) -> bool:
+        self.local_ended = True
+        if self.conn is not None:
+            self.conn.leg_eof(self)
+        return True  # keep our writing side open: the tunnel may still carry data back
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        conn = self.conn
+        self.transport = None
+        if conn is not None:
+            conn.leg_lost(self, exc)
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        conn = self.conn
+        if conn is not None:
+            conn.leg_drained(self)
+
+    # -- helpers
+    def pause_reading(self) -> None:
+        if not self.read_paused and self.transport is not None:
+            self.read_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.read_paused and self.transport is not None:
+            self.read_paused = False
+            self.transport.resume_reading()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionInfo:
+    peer_identity: Identity
+    local_address: tuple[str, int]
+    peer_address: tuple[str, int]
+
+
+RequestHandler = Callable[["HboneConnection", ConnectRequest], None]
+
+
+class HboneConnection(TlsReceiver):
+    """Owns the session, the TLS transport and the legs; does every I/O call for them."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        session: HboneSession,
+        info: ConnectionInfo,
+        on_request: RequestHandler | None = None,
+        on_closed: Callable[[HboneConnection], None] | None = None,
+    ) -> None:
+        self.loop = loop
+        self.session = session
+        self.info = info
+        self.legs: dict[int, TcpLeg] = {}
+        self.responses: dict[int, asyncio.Future[int]] = {}
+        self.on_request = on_request
+        self.on_closed = on_closed
+        self.on_settings: Callable[[HboneConnection], None] | None = None
+        self.on_stream_closed: Callable[[HboneConnection], None] | None = None
+        self.transport: TlsTransport | None = None
+        self.closed = False
+        self.settings_received = loop.create_future()
+        self._starved: set[TcpLeg] = set()  # legs paused because TLS is congested
+        self._timer: asyncio.TimerHandle | None = None
+
+    def start(self, transport: TlsTransport) -> None:
+        self.transport = transport
+        self.session.initiate()
+        self.flush()
+        self._arm_timer()
+
+    # --------------------------------------------------------------- sending frames
+
+    def flush(self) -> None:
+        out = self.session.data_to_send()
+        if out and self.transport is not None:
+            self.transport.write_chunks(out)
+
+    # ------------------------------------------------------------- TLS side events
+
+    def tls_data(self, data: memoryview) -> None:
+        events = self.session.receive_data(data, time.monotonic())
+        if events:
+            self._handle(events)
+        self.flush()
+
+    def tls_writable(self) -> None:
+        starved, self._starved = self._starved, set()
+        for leg in starved:
+            leg.resume_reading()
+
+    def tls_closed(self, exc: BaseException | None) -> None:
+        if exc is not None:
+            log.debug("HBONE connection to %s closed: %s", self.info.peer_address, exc)
+        self._terminate()
+
+    def _handle(self, events: list[Event]) -> None:
+        session = self.session
+        for event in events:
+            if isinstance(event, DataReceived):
+                leg = self.legs.get(event.stream_id)
+                size = len(event.data)
+                if leg is None:
+                    session.acknowledge(event.stream_id, size)
+                    continue
+                transport = leg.transport
+                if transport is not None and leg.early is None:
+                    transport.write(event.data)
+                    if transport.get_write_buffer_size():
+                        receive_buffer().retained()
+                else:
+                    if leg.early is None:
+                        leg.early = []
+                    leg.early.append(bytes(event.data))
+                session.acknowledge(event.stream_id, size, stream_level=not leg.write_paused)
+            elif isinstance(event, SendUnblocked):
+                leg = self.legs.get(event.stream_id)
+                if leg is not None:
+                    leg.resume_reading()
+            elif isinstance(event, StreamEnded):
+                leg = self.legs.get(event.stream_id)
+                if leg is not None:
+                    leg.remote_ended = True
+                    if leg.transport is not None and leg.early is None:
+                        if leg.transport.can_write_eof():
+                            leg.transport.write_eof()
+                    self._maybe_finish(leg)
+            elif isinstance(event, ConnectRequest):
+                if self.on_request is not None:
+                    self.on_request(self, event)
+                else:
+                    session.respond(event.stream_id, 400)
+            elif isinstance(event, ResponseReceived):
+                future = self.responses.pop(event.stream_id, None)
+                if future is not None and not future.done():
+                    future.set_result(event.status)
+            elif isinstance(event, StreamReset):
+                self._stream_gone(event.stream_id)
+            elif isinstance(event, SettingsReceived):
+                if not self.settings_received.done():
+                    self.settings_received.set_result(None)
+                if self.on_settings is not None:
+                    self.on_settings(self)
+            elif isinstance(event, GoAwayReceived):
+                if self.on_settings is not None:
+                    self.on_settings(self)
+                if not self.session.open_streams:
+                    self.close()
+            elif isinstance(event, ConnectionTerminated):
+                log.debug("HBONE connection %s ended: %s", self.info.peer_address, event.reason)
+                self.flush()
+                self.close()
+
+    def _stream_gone(self, stream_id: int) -> None:
+        future = self.responses.pop(stream_id, None)
+        if future is not None and not future.done():
+            future.set_result(0)
+        leg = self.legs.pop(stream_id, None)
+        if leg is not None:
+            leg.conn = None
+            self._starved.discard(leg)
+            leg.abort()
+        self._stream_closed()
+
+    def _stream_closed(self) -> None:
+        if self.on_stream_closed is not None:
+            self.on_stream_closed(self)
+        session = self.session
+        if (session.draining or session.goaway_received) and not session.open_streams:
+            self.close()
+
+    # ------------------------------------------------------------- leg side events
+
+    def leg_data(self, leg: TcpLeg, nbytes: int) -> None:
+        session = self.session
+        if not session.send_data_inplace(leg.stream_id, receive_buffer().view, nbytes):
+            leg.pause_reading()
+        self.flush()
+        transport = self.transport
+        if transport is not None and transport.congested and not leg.read_paused:
+            leg.pause_reading()
+            self._starved.add(leg)
+
+    def leg_eof(self, leg: TcpLeg) -> None:
+        self.session.end_stream(leg.stream_id)
+        self.flush()
+        self._maybe_finish(leg)
+
+    def leg_drained(self, leg: TcpLeg) -> None:
+        self.session.release_stream_credit(leg.stream_id)
+        self.flush()
+
+    def leg_lost(self, leg: TcpLeg, exc: Exception | None) -> None:
+        if self.legs.pop(leg.stream_id, None) is None:
+            return
+        self._starved.discard(leg)
+        leg.conn = None
+        if not (leg.local_ended and leg.remote_ended) or exc is not None:
+            if self.session.has_stream(leg.stream_id):
+                self.session.reset_stream(leg.stream_id, ErrorCode.CANCEL)
+            self.flush()
+        self._stream_closed()
+
+    def _maybe_finish(self, leg: TcpLeg) -> None:
+        if leg.local_ended and leg.remote_ended:
+            self.legs.pop(leg.stream_id, None)
+            leg.conn = None
+            if leg.transport is not None:
+                leg.transport.close()
+            self._stream_closed()
+
+    def attach(self, leg: TcpLeg, stream_id: int) -> None:
+        """Bind a leg to a stream of this connection; flushes bytes that arrived early."""
+        leg.conn = self
+        leg.stream_id = stream_id
+        self.legs[stream_id] = leg
+
+    def start_relay(self, leg: TcpLeg) -> None:
+        """The tunnel is established: deliver early bytes and let the app's bytes flow."""
+        early, leg.early = leg.early, None
+        if early and leg.transport is not None:
+            for chunk in early:
+                leg.transport.write(chunk)
+        if leg.remote_ended and leg.transport is not None and leg.transport.can_write_eof():
+            leg.transport.write_eof()
+        leg.resume_reading()
+        self._maybe_finish(leg)
+
+    # ----------------------------------------------------------------- lifecycle
+
+    def _arm_timer(self) -> None:
+        deadline = self.session.next_deadline()
+        if deadline is None or self.closed:
+            return
+        delay = max(0.0, deadline - time.monotonic())
+        self._timer = self.loop.call_later(delay, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self.closed:
+            return
+        events = self.session.handle_timer(time.monotonic())
+        if events:
+            self._handle(events)
+        self.flush()
+        self._arm_timer()
+
+    def drain(self) -> None:
+        """GOAWAY: no new tunnels; close once the open ones finish."""
+        self.session.drain()
+        self.flush()
+        if not self.session.open_streams:
+            self.close()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        if not self.session.closed:
+            self.session.close()
+        self.flush()
+        if self.transport is not None:
+            self.transport.close()
+        self._terminate()
+
+    def _terminate(self) -> None:
+        if self.closed and not self.legs and not self.responses:
+            return
+        self.closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.transport is not None and not self.transport.closed:
+            self.transport.close()
+        for future in self.responses.values():
+            if not future.done():
+                future.set_result(0)
+        self.responses.clear()
+        legs, self.legs = self.legs, {}
+        for leg in legs.values():
+            leg.conn = None
+            leg.abort()
+        if not self.settings_received.done():
+            self.settings_received.set_result(None)
+        if self.on_closed is not None:
+            callback, self.on_closed = self.on_closed, None
+            callback(self)

@@ -1,0 +1,283 @@
+"""The HBONE server: accepts mTLS connections and decides each CONNECT through a hook.
+
+The hook (`Decide`) sees who is asking (verified SPIFFE identity), for what (`:authority`, the
+address the caller dialed, the request headers), and answers `Allow` (where to connect, with
+which socket mark and source address) or `Deny` (the HTTP status). The node agent plugs its
+workload lookup and L4 authorization in here; `ztagent hbone serve` allows every authority.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ztagent.errors import LocalError, RemoteError
+from ztagent.hbone.connection import ConnectionInfo, HboneConnection, TcpLeg
+from ztagent.hbone.frames import Settings, parse_authority
+from ztagent.hbone.session import ConnectRequest, HboneSession, Headers, Role
+from ztagent.hbone.tls import TlsConfig
+from ztagent.hbone.transport import TlsTransport, handshake
+from ztagent.identity.spiffe import Identity
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT = 10.0
+HANDSHAKE_TIMEOUT = 10.0
+ACCEPTS_PER_CALLBACK = 64
+
+
+@dataclass(frozen=True, slots=True)
+class InboundRequest:
+    """One CONNECT, as the hook sees it."""
+
+    stream_id: int
+    authority: str
+    target: tuple[str, int]
+    headers: Headers
+    peer_identity: Identity
+    local_address: tuple[str, int]
+    peer_address: tuple[str, int]
+
+    def header(self, name: str) -> str | None:
+        return next((v for k, v in self.headers if k == name), None)
+
+
+@dataclass(frozen=True, slots=True)
+class Allow:
+    address: tuple[str, int]
+    mark: int | None = None
+    source_ip: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Deny:
+    status: int
+    reason: str = ""
+
+
+Decide = Callable[[InboundRequest], Allow | Deny]
+
+
+def allow_authority(request: InboundRequest) -> Allow:
+    """Connect every CONNECT to its `:authority` (the `ztagent hbone serve` policy)."""
+    return Allow(request.target)
+
+
+def make_socket(address: tuple[str, int], mark: int | None, source_ip: str | None) -> socket.socket:
+    family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if mark is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+        if source_ip is not None:
+            sock.setsockopt(socket.SOL_IP, socket.IP_TRANSPARENT, 1)
+            sock.bind((source_ip, 0))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def connect_leg(
+    loop: asyncio.AbstractEventLoop, leg: TcpLeg, allow: Allow, timeout: float = CONNECT_TIMEOUT
+) -> None:
+    """Open the plaintext TCP connection of a tunnel and bind it to `leg`."""
+    sock = make_socket(allow.address, allow.mark, allow.source_ip)
+    try:
+        await asyncio.wait_for(loop.sock_connect(sock, allow.address), timeout)
+        await loop.create_connection(lambda: leg, sock=sock)
+    except BaseException:
+        sock.close()
+        raise
+
+
+class HboneServer:
+    def __init__(
+        self,
+        tls: TlsConfig | Callable[[tuple[str, int]], TlsConfig | None],
+        decide: Decide = allow_authority,
+        settings: Settings | None = None,
+    ) -> None:
+        self._tls_for = tls if callable(tls) else (lambda _addr: tls)
+        self.decide = decide
+        self.settings = settings or Settings()
+        self.connections: set[HboneConnection] = set()
+        self._listeners: list[socket.socket] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # ------------------------------------------------------------------- listening
+
+    async def listen(self, host: str, port: int, transparent: bool = False) -> tuple[str, int]:
+        loop = self._loop = asyncio.get_running_loop()
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if transparent:
+                sock.setsockopt(socket.SOL_IP, socket.IP_TRANSPARENT, 1)
+            sock.bind((host, port))
+            sock.listen(1024)
+            sock.setblocking(False)
+        except OSError as exc:
+            sock.close()
+            raise LocalError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+        self._listeners.append(sock)
+        loop.add_reader(sock.fileno(), self._on_accept, sock)
+        address = sock.getsockname()
+        return address[0], address[1]
+
+    def _on_accept(self, listener: socket.socket) -> None:
+        for _ in range(ACCEPTS_PER_CALLBACK):
+            try:
+                sock, _addr = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.warning("accept failed: %s", exc)
+                return
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._spawn(self._accept(sock))
+
+    def _spawn(self, coro: object) -> None:
+        assert self._loop is not None
+        task: asyncio.Task[None] = self._loop.create_task(coro)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _accept(self, raw: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            local = raw.getsockname()[:2]
+            peer = raw.getpeername()[:2]
+        except OSError:
+            raw.close()
+            return
+        tls = self._tls_for(local)
+        if tls is None:
+            log.info("HBONE from %s:%s to %s:%s refused: no certificate for it", *peer, *local)
+            raw.close()
+            return
+        sock = tls.server_context.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
+        try:
+            await asyncio.wait_for(handshake(loop, sock), HANDSHAKE_TIMEOUT)
+            identity = tls.check_client(sock)
+        except (OSError, ssl.SSLError, RemoteError, TimeoutError) as exc:
+            log.info("HBONE handshake from %s:%s failed: %s", peer[0], peer[1], _reason(exc))
+            sock.close()
+            return
+        session = HboneSession(Role.SERVER, self.settings, loop.time())
+        conn = HboneConnection(
+            loop,
+            session,
+            ConnectionInfo(identity, local, peer),
+            on_request=self._on_request,
+            on_closed=self.connections.discard,
+        )
+        self.connections.add(conn)
+        conn.start(TlsTransport(loop, sock, conn))
+
+    # ------------------------------------------------------------------- requests
+
+    def _on_request(self, conn: HboneConnection, event: ConnectRequest) -> None:
+        sid = event.stream_id
+        if event.method != "CONNECT":
+            conn.session.respond(sid, 400)
+            return
+        try:
+            target = parse_authority(event.authority)
+        except ValueError as exc:
+            log.info("HBONE from %s: %s", conn.info.peer_identity, exc)
+            conn.session.respond(sid, 400)
+            return
+        request = InboundRequest(
+            sid,
+            event.authority,
+            target,
+            event.headers,
+            conn.info.peer_identity,
+            conn.info.local_address,
+            conn.info.peer_address,
+        )
+        try:
+            decision = self.decide(request)
+        except Exception:
+            log.exception("CONNECT decision failed; refusing %s", event.authority)
+            decision = Deny(503, "internal error")
+        if isinstance(decision, Deny):
+            log.info(
+                "HBONE %s from %s refused %d %s",
+                event.authority,
+                conn.info.peer_identity,
+                decision.status,
+                decision.reason,
+            )
+            conn.session.respond(sid, decision.status)
+            return
+        leg = TcpLeg()
+        leg.early = []
+        conn.attach(leg, sid)
+        self._spawn(self._connect(conn, leg, decision))
+
+    async def _connect(self, conn: HboneConnection, leg: TcpLeg, allow: Allow) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            await connect_leg(loop, leg, allow)
+        except (OSError, TimeoutError) as exc:
+            log.info("HBONE upstream %s:%s failed: %s", *allow.address, _reason(exc))
+            if leg.conn is conn:
+                conn.legs.pop(leg.stream_id, None)
+                leg.conn = None
+                conn.session.respond(leg.stream_id, 503)
+                conn.flush()
+            return
+        if leg.conn is not conn or conn.closed:
+            leg.abort()
+            return
+        conn.session.respond(leg.stream_id, 200)
+        conn.start_relay(leg)
+        conn.flush()
+
+    # ------------------------------------------------------------------- shutdown
+
+    def stop_listening(self) -> None:
+        for sock in self._listeners:
+            if self._loop is not None:
+                self._loop.remove_reader(sock.fileno())
+            sock.close()
+        self._listeners.clear()
+
+    async def drain(self, timeout: float = 5.0) -> None:
+        """Stop accepting, GOAWAY every connection, wait for open tunnels (bounded)."""
+        self.stop_listening()
+        for conn in list(self.connections):
+            conn.drain()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.connections and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        self.close()
+
+    def close(self) -> None:
+        self.stop_listening()
+        for conn in list(self.connections):
+            conn.close()
+        for task in list(self._tasks):
+            task.cancel()
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, ssl.SSLError):
+        return exc.reason or str(exc)
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
