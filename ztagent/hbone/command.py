@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import socket
 import sys
@@ -214,7 +215,8 @@ async def _connect_stdio(tls: TlsConfig, tunnel: Tunnel) -> int:
 
     def pump_in() -> None:
         with contextlib.suppress(OSError):
-            while chunk := sys.stdin.buffer.read1(65536):
+            stdin = sys.stdin.fileno()
+            while chunk := os.read(stdin, 65536):
                 theirs.sendall(chunk)
         with contextlib.suppress(OSError):
             theirs.shutdown(socket.SHUT_WR)

@@ -210,9 +210,9 @@ class HboneConnection(TlsReceiver):
                 leg = self.legs.get(event.stream_id)
                 if leg is not None:
                     leg.remote_ended = True
-                    if leg.transport is not None and leg.early is None:
-                        if leg.transport.can_write_eof():
-                            leg.transport.write_eof()
+                    transport = leg.transport
+                    if transport is not None and leg.early is None and transport.can_write_eof():
+                        transport.write_eof()
                     self._maybe_finish(leg)
             elif isinstance(event, ConnectRequest):
                 if self.on_request is not None:

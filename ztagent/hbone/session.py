@@ -600,7 +600,8 @@ class HboneSession:
                 raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, "PUSH_PROMISE is disabled")
             # Unknown frame types are ignored (RFC 9113 5.5).
         except _StreamError as exc:
-            self.reset_stream(exc.stream_id, exc.code)
+            self._streams.pop(exc.stream_id, None)
+            self._out.append(pack_frame(FrameType.RST_STREAM, 0, exc.stream_id, U32.pack(exc.code)))
             events.append(StreamReset(exc.stream_id, exc.code, remote=False))
 
     # --------------------------------------------------------------- internals: frames
@@ -643,7 +644,7 @@ class HboneSession:
         block = bytes(self._header_block)
         self._header_block = bytearray()
         try:
-            headers: Headers = self._decoder.decode(block, raw=False)
+            headers: Headers = [(str(k), str(v)) for k, v in self._decoder.decode(block, raw=False)]
         except hpack.OversizedHeaderListError:
             # The decoder state stayed consistent; only this request is refused.
             self._note_remote_stream(sid)
@@ -746,9 +747,8 @@ class HboneSession:
                 self.peer_max_concurrent_streams = value
             elif code == SettingCode.HEADER_TABLE_SIZE:
                 self._encoder.header_table_size = value
-            elif code == SettingCode.ENABLE_PUSH:
-                if value > 1:
-                    raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, "bad ENABLE_PUSH")
+            elif code == SettingCode.ENABLE_PUSH and value > 1:
+                raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, "bad ENABLE_PUSH")
         self._out.append(pack_frame(FrameType.SETTINGS, Flag.ACK, 0))
         events.append(SettingsReceived(self.peer_max_concurrent_streams))
 

@@ -77,9 +77,9 @@ def peer_identity(sock: ssl.SSLSocket) -> Identity | None:
     cert = sock.getpeercert()
     if not cert:
         return None
-    for kind, value in cert.get("subjectAltName", ()):
-        if kind == "URI":
-            return Identity.try_parse(str(value))
+    for entry in cert.get("subjectAltName", ()):
+        if len(entry) == 2 and entry[0] == "URI":
+            return Identity.try_parse(str(entry[1]))
     return None
 
 

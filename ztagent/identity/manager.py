@@ -172,7 +172,7 @@ class CertificateManager:
     ) -> None:
         self._fetch = fetch
         self._clock = clock
-        self._schedule = schedule or CertificateSchedule()
+        self._schedule = schedule if schedule is not None else CertificateSchedule()
         self._inflight: dict[Identity, asyncio.Task[WorkloadCertificate]] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
