@@ -98,11 +98,27 @@ class Leg(asyncio.BufferedProtocol):
 
 
 class Downstream(Leg):
-    """The accepted leg: reads nothing until the upstream leg is connected."""
+    """The accepted leg: holds what arrives until the upstream leg is connected."""
 
     def __init__(self, relay: Relay) -> None:
         super().__init__(relay.shared)
         self.relay = relay
+        self.pending: list[bytes] = []
+        self.pending_eof = False
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self.peer is None:
+            self.pending.append(bytes(self.shared.view[:nbytes]))
+            if self.transport is not None:
+                self.transport.pause_reading()
+            return
+        super().buffer_updated(nbytes)
+
+    def eof_received(self) -> bool:
+        if self.peer is None:
+            self.pending_eof = True
+            return True
+        return super().eof_received()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -127,10 +143,10 @@ class Relay:
         self.shared = SharedBuffer()
         self.tasks: set[asyncio.Task[None]] = set()
 
-    def accepted(self) -> Leg:
+    def accepted(self) -> Downstream:
         return Downstream(self)
 
-    async def connect(self, down: Leg) -> None:
+    async def connect(self, down: Downstream) -> None:
         loop = asyncio.get_running_loop()
         host, port = self.upstream
         try:
@@ -154,7 +170,14 @@ class Relay:
             up.transport.close()
             return
         down.peer, up.peer = up, down
-        down.transport.resume_reading()
+        if down.pending:
+            up.transport.writelines(down.pending)
+            down.pending.clear()
+        if down.pending_eof:
+            if not down.eof_received():
+                down.transport.close()
+        else:
+            down.transport.resume_reading()
 
 
 def tls_context(server: bool, cert: str, key: str, ca: str) -> ssl.SSLContext:

@@ -56,7 +56,7 @@ install_apt_packages() {
     log "installing apt packages: ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
     as_root apt-get update -qq
-    as_root apt-get install -y -qq --no-install-recommends "${missing[@]}"
+    as_root apt-get install -y -qq -o Dpkg::Use-Pty=0 --no-install-recommends "${missing[@]}"
 }
 
 create_venv() {

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import typing
+
 import h2.config
 import h2.connection
 import h2.events
@@ -76,7 +78,7 @@ class Pair:
     def tunnel(self, authority: str = "10.0.0.1:80") -> int:
         sid = self.client.open_stream(authority, [("forwarded", 'for="10.0.0.2:5000"')])
         self.pump()
-        request = [e for e in self.take("server") if isinstance(e, ConnectRequest)][0]
+        request = next(e for e in self.take("server") if isinstance(e, ConnectRequest))
         self.server.respond(request.stream_id, 200)
         self.pump()
         assert any(isinstance(e, ResponseReceived) and e.status == 200 for e in self.take("client"))
@@ -453,7 +455,7 @@ def test_arbitrary_bytes_never_crash_the_server(data: bytes) -> None:
     server.initiate()
     events = server.receive_data(PREFACE + data)
     for event in events:
-        assert isinstance(event, Event.__args__)  # type: ignore[attr-defined]
+        assert isinstance(event, typing.get_args(Event))
 
 
 @settings(max_examples=200, deadline=None)

@@ -1,13 +1,19 @@
 import os
 import stat
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
+from cryptography.x509.verification import (
+    PolicyBuilder,
+    Store,
+    VerificationError,
+    VerifiedClient,
+)
 
 from ztagent.errors import LocalError
 from ztagent.identity.ca import (
@@ -18,7 +24,7 @@ from ztagent.identity.ca import (
     SigningRefused,
 )
 from ztagent.identity.certs import WorkloadCertificate, uri_sans
-from ztagent.identity.keys import InvalidCsr, create_csr, generate_key, key_to_pem
+from ztagent.identity.keys import InvalidCsr, SigningKey, create_csr, generate_key, key_to_pem
 from ztagent.identity.spiffe import Identity
 
 T0 = datetime(2030, 1, 1, 12, 0, 0, tzinfo=UTC)
@@ -26,18 +32,28 @@ WEB = Identity("cluster.local", "default", "web")
 
 
 class Clock:
-    def __init__(self, now=T0):
+    def __init__(self, now: datetime = T0) -> None:
         self.now = now
 
-    def __call__(self):
+    def __call__(self) -> datetime:
         return self.now
 
 
-def _pem(cert):
+def _pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
-def _ca_cert(subject, key, issuer_name, issuer_key, *, days=3650, san=None, usage=True, ca=True):
+def _ca_cert(
+    subject: str,
+    key: SigningKey,
+    issuer_name: str,
+    issuer_key: SigningKey,
+    *,
+    days: int = 3650,
+    san: str | None = None,
+    usage: bool = True,
+    ca: bool = True,
+) -> x509.Certificate:
     ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
     builder = (
         x509.CertificateBuilder()
@@ -76,7 +92,13 @@ def _ca_cert(subject, key, issuer_name, issuer_key, *, days=3650, san=None, usag
     return builder.sign(issuer_key, hashes.SHA256())
 
 
-def _write_cacerts(directory, ca_cert, ca_key, roots, chain):
+def _write_cacerts(
+    directory: Path,
+    ca_cert: x509.Certificate,
+    ca_key: SigningKey,
+    roots: list[x509.Certificate],
+    chain: list[x509.Certificate] | None,
+) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "ca-cert.pem").write_bytes(_pem(ca_cert))
     (directory / "ca-key.pem").write_bytes(key_to_pem(ca_key))
@@ -109,11 +131,13 @@ def intermediate(tmp_path):
     return directory, root, inter
 
 
-def _mode(path):
+def _mode(path: Path) -> int:
     return stat.S_IMODE(os.stat(path).st_mode)
 
 
-def _verify(chain_pem, roots, at):
+def _verify(
+    chain_pem: tuple[bytes, ...], roots: list[x509.Certificate], at: datetime
+) -> VerifiedClient:
     certs = [x509.load_pem_x509_certificate(p) for p in chain_pem]
     verifier = PolicyBuilder().store(Store(roots)).time(at).build_client_verifier()
     return verifier.verify(certs[0], certs[1:])
@@ -178,7 +202,7 @@ def test_load_or_create(tmp_path, clock):
     again = CertificateAuthority.load_or_create(tmp_path / "ca", "example.org", now=clock)
     assert again.roots_pem == first.roots_pem
     assert again.trust_domain == "example.org"
-    with pytest.raises(InvalidCa, match="trust domain 'example.org', not 'other.org'"):
+    with pytest.raises(InvalidCa, match=r"trust domain 'example\.org', not 'other\.org'"):
         CertificateAuthority.load_or_create(tmp_path / "ca", "other.org")
 
 
@@ -283,7 +307,7 @@ def test_intermediate_chain_without_root_is_completed(intermediate, clock):
 
 
 def test_intermediate_with_several_roots(intermediate):
-    directory, root, inter = intermediate
+    directory, root, _ = intermediate
     other_key = generate_key()
     other = _ca_cert("Other root", other_key, "Other root", other_key)
     (directory / "root-cert.pem").write_bytes(_pem(other) + _pem(root))
@@ -347,7 +371,9 @@ def test_chain_rejected_by_other_root_and_after_expiry(ca):
 
 def test_serials_are_random(ca):
     serials = {
-        x509.load_pem_x509_certificate(ca.sign_csr(create_csr(WEB, generate_key()))[0]).serial_number
+        x509.load_pem_x509_certificate(
+            ca.sign_csr(create_csr(WEB, generate_key()))[0]
+        ).serial_number
         for _ in range(5)
     }
     assert len(serials) == 5
@@ -368,7 +394,7 @@ def test_expired_ca_refuses(ca, clock):
 
 def test_refuses_other_trust_domain(ca):
     other = Identity("evil.example", "default", "web")
-    with pytest.raises(SigningRefused, match="outside this CA's trust domain 'cluster.local'"):
+    with pytest.raises(SigningRefused, match=r"outside this CA's trust domain 'cluster\.local'"):
         ca.sign_csr(create_csr(other, generate_key()))
 
 
@@ -384,7 +410,9 @@ def test_refuses_bad_ttl_and_bad_csr(ca):
     with pytest.raises(SigningRefused, match="must be positive"):
         ca.sign_csr(create_csr(WEB, generate_key()), ttl=timedelta(0))
     with pytest.raises(InvalidCsr):
-        ca.sign_csr(b"-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n")
+        ca.sign_csr(
+            b"-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n"
+        )
 
 
 def test_issue(ca):

@@ -1,11 +1,13 @@
 import dataclasses
 import os
 import stat
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from ztagent.errors import LocalError
@@ -33,7 +35,9 @@ def cert(ca):
     return ca.issue(WEB, ttl=timedelta(hours=24))
 
 
-def _self_signed(names):
+def _self_signed(
+    names: Sequence[x509.GeneralName] | None,
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     key = generate_key()
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "x")])
     builder = (
@@ -80,9 +84,7 @@ def test_refresh_at_is_half_life(cert):
 
 
 def test_refresh_at_exact():
-    c = WorkloadCertificate(
-        WEB, b"", (), b"", not_before=T0, not_after=T0 + timedelta(seconds=101)
-    )
+    c = WorkloadCertificate(WEB, b"", (), b"", not_before=T0, not_after=T0 + timedelta(seconds=101))
     assert c.refresh_at() == T0 + timedelta(seconds=50.5)
 
 
@@ -108,7 +110,7 @@ def test_write_tightens_existing_key_file(tmp_path, cert):
 
 
 def test_write_to_missing_directory_names_path(tmp_path, cert):
-    with pytest.raises(LocalError, match="cannot write .*nodir"):
+    with pytest.raises(LocalError, match=r"cannot write .*nodir"):
         cert.write(tmp_path / "nodir" / "c.pem", tmp_path / "nodir" / "k.pem")
 
 
@@ -170,4 +172,4 @@ def test_from_pem_accepts_list_or_blob(cert):
 
 def test_is_frozen(cert):
     with pytest.raises(dataclasses.FrozenInstanceError):
-        cert.key_pem = b""  # type: ignore[misc]
+        cert.key_pem = b""

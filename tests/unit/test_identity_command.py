@@ -62,9 +62,10 @@ def parser():
     return root
 
 
-def run(parser, *argv):
+def run(parser: argparse.ArgumentParser, *argv: str) -> int:
     args = parser.parse_args(list(argv))
-    return args.handler(args)
+    result: int = args.handler(args)
+    return result
 
 
 def test_init_and_issue(parser, tmp_path, capsys):
@@ -97,8 +98,18 @@ def test_issue_default_ttl_and_no_roots(parser, tmp_path):
     run(parser, "ca", "init", str(tmp_path / "ca"))
     cert, key = tmp_path / "c.pem", tmp_path / "k.pem"
     ident = "spiffe://cluster.local/ns/default/sa/web"
-    run(parser, "ca", "issue", str(tmp_path / "ca"), "--identity", ident, "--cert", str(cert),
-        "--key", str(key))  # fmt: skip
+    run(
+        parser,
+        "ca",
+        "issue",
+        str(tmp_path / "ca"),
+        "--identity",
+        ident,
+        "--cert",
+        str(cert),
+        "--key",
+        str(key),
+    )
     loaded = WorkloadCertificate.load(cert, key)
     assert loaded.not_after - loaded.not_before == timedelta(hours=24, minutes=1)
     assert not (tmp_path / "roots.pem").exists()
@@ -122,15 +133,37 @@ def test_init_refuses_existing(parser, tmp_path):
 def test_issue_errors(parser, tmp_path, identity, ttl, error, fragment):
     run(parser, "ca", "init", str(tmp_path / "ca"))
     with pytest.raises(error, match=fragment):
-        run(parser, "ca", "issue", str(tmp_path / "ca"), "--identity", identity,
-            "--cert", str(tmp_path / "c"), "--key", str(tmp_path / "k"), "--ttl", ttl)  # fmt: skip
+        run(
+            parser,
+            "ca",
+            "issue",
+            str(tmp_path / "ca"),
+            "--identity",
+            identity,
+            "--cert",
+            str(tmp_path / "c"),
+            "--key",
+            str(tmp_path / "k"),
+            "--ttl",
+            ttl,
+        )
     assert not (tmp_path / "k").exists()
 
 
 def test_issue_from_missing_ca(parser, tmp_path):
     with pytest.raises(LocalError, match=r"cannot read .*ca-cert\.pem"):
-        run(parser, "ca", "issue", str(tmp_path), "--identity", "spiffe://cluster.local/ns/a/sa/b",
-            "--cert", str(tmp_path / "c"), "--key", str(tmp_path / "k"))  # fmt: skip
+        run(
+            parser,
+            "ca",
+            "issue",
+            str(tmp_path),
+            "--identity",
+            "spiffe://cluster.local/ns/a/sa/b",
+            "--cert",
+            str(tmp_path / "c"),
+            "--key",
+            str(tmp_path / "k"),
+        )
 
 
 @pytest.mark.parametrize(

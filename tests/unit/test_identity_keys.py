@@ -1,3 +1,5 @@
+from collections.abc import Sequence
+
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -8,6 +10,7 @@ from ztagent.errors import LocalError
 from ztagent.identity.keys import (
     InvalidCsr,
     InvalidKey,
+    SigningKey,
     create_csr,
     csr_identity,
     generate_key,
@@ -19,8 +22,8 @@ from ztagent.identity.spiffe import Identity
 WEB = Identity("cluster.local", "default", "web")
 
 
-def _csr(key, names, subject=None):
-    builder = x509.CertificateSigningRequestBuilder().subject_name(subject or x509.Name([]))
+def _csr(key: SigningKey, names: Sequence[x509.GeneralName] | None) -> bytes:
+    builder = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([]))
     if names is not None:
         builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=True)
     algorithm = None if isinstance(key, ed25519.Ed25519PrivateKey) else hashes.SHA256()

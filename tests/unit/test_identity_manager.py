@@ -1,5 +1,6 @@
 import asyncio
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
@@ -15,7 +16,7 @@ T0 = 1_900_000_000.0
 DAY = 86_400.0
 
 
-def _cert(identity, start, lifetime=DAY):
+def _cert(identity: Identity, start: float, lifetime: float = DAY) -> WorkloadCertificate:
     """Certificates without PEM: the schedule and the manager only look at identity and times."""
     return WorkloadCertificate(
         identity,
@@ -27,22 +28,22 @@ def _cert(identity, start, lifetime=DAY):
     )
 
 
-def _schedule(**kwargs):
-    return CertificateSchedule(rand=lambda: 0.0, **kwargs)
+def _schedule(initial_backoff: float = 0.5) -> CertificateSchedule:
+    return CertificateSchedule(initial_backoff=initial_backoff, rand=lambda: 0.0)
 
 
 class Clock:
-    def __init__(self, now=T0):
+    def __init__(self, now: float = T0) -> None:
         self.now = now
 
-    def __call__(self):
+    def __call__(self) -> float:
         return self.now
 
 
 class FakeCa:
     """A fetch function that counts calls and can be made to fail or to wait."""
 
-    def __init__(self, clock, lifetime=DAY):
+    def __init__(self, clock: Callable[[], float], lifetime: float = DAY) -> None:
         self.clock = clock
         self.lifetime = lifetime
         self.calls: list[Identity] = []
@@ -50,7 +51,7 @@ class FakeCa:
         self.fail: Exception | None = None
         self.gate: asyncio.Event | None = None
 
-    async def __call__(self, identity):
+    async def __call__(self, identity: Identity) -> WorkloadCertificate:
         self.calls.append(identity)
         self.times.append(self.clock())
         if self.gate is not None:
@@ -128,7 +129,7 @@ def test_jitter_shortens_backoff_deterministically():
         CertificateSchedule(jitter=1.0)
 
 
-def test_release_forgets():
+def test_schedule_release_forgets():
     s = _schedule()
     s.track(WEB, T0)
     s.track(DB, T0 + 1)
@@ -176,7 +177,7 @@ def test_get_fetches_once_and_caches():
     ca = FakeCa(clock)
     m = CertificateManager(ca, clock=clock, schedule=_schedule())
 
-    async def main():
+    async def main() -> None:
         first = await m.get(WEB)
         clock.now += 3600
         assert await m.get(WEB) is first
@@ -192,7 +193,7 @@ def test_concurrent_get_shares_one_fetch():
     ca = FakeCa(clock)
     m = CertificateManager(ca, clock=clock, schedule=_schedule())
 
-    async def main():
+    async def main() -> list[WorkloadCertificate]:
         ca.gate = asyncio.Event()
         waiters = [asyncio.create_task(m.get(WEB)) for _ in range(10)]
         await asyncio.sleep(0)
@@ -209,7 +210,7 @@ def test_cancelled_caller_does_not_cancel_shared_fetch():
     ca = FakeCa(clock)
     m = CertificateManager(ca, clock=clock, schedule=_schedule())
 
-    async def main():
+    async def main() -> WorkloadCertificate:
         ca.gate = asyncio.Event()
         impatient = asyncio.create_task(m.get(WEB))
         patient = asyncio.create_task(m.get(WEB))
@@ -228,7 +229,7 @@ def test_rotation_at_half_life_with_injected_clock():
     ca = FakeCa(clock)
     m = CertificateManager(ca, clock=clock, schedule=_schedule())
 
-    async def main():
+    async def main() -> None:
         first = await m.get(WEB)
         clock.now = first.refresh_at().timestamp() - 0.001
         await m.refresh_due()
@@ -249,7 +250,7 @@ def test_failure_backs_off_and_keeps_valid_cert():
     ca = FakeCa(clock)
     m = CertificateManager(ca, clock=clock, schedule=_schedule())
 
-    async def main():
+    async def main() -> None:
         first = await m.get(WEB)
         ca.fail = ConnectionError("CA unreachable")
         clock.now = first.refresh_at().timestamp()
@@ -276,7 +277,7 @@ def test_get_raises_when_first_fetch_fails():
     ca.fail = ConnectionError("refused")
     m = CertificateManager(ca, clock=clock, schedule=_schedule())
 
-    async def main():
+    async def main() -> None:
         with pytest.raises(ConnectionError):
             await m.get(WEB)
         assert m.schedule.failures(WEB) == 1
@@ -290,7 +291,7 @@ def test_expired_cert_is_not_served():
     ca = FakeCa(clock, lifetime=100)
     m = CertificateManager(ca, clock=clock, schedule=_schedule())
 
-    async def main():
+    async def main() -> None:
         first = await m.get(WEB)
         clock.now += 100
         assert m.get_cached(WEB) is None
@@ -303,12 +304,12 @@ def test_expired_cert_is_not_served():
 def test_wrong_identity_is_a_failure():
     clock = Clock()
 
-    async def fetch(identity):
+    async def fetch(identity: Identity) -> WorkloadCertificate:
         return _cert(DB, clock())
 
     m = CertificateManager(fetch, clock=clock, schedule=_schedule())
 
-    async def main():
+    async def main() -> None:
         with pytest.raises(LocalError, match="got one for"):
             await m.get(WEB)
         assert m.get_cached(WEB) is None
@@ -317,12 +318,12 @@ def test_wrong_identity_is_a_failure():
     asyncio.run(main())
 
 
-def test_release_forgets():
+def test_manager_release_forgets():
     clock = Clock()
     ca = FakeCa(clock)
     m = CertificateManager(ca, clock=clock, schedule=_schedule())
 
-    async def main():
+    async def main() -> None:
         await m.get(WEB)
         m.release(WEB)
         assert m.get_cached(WEB) is None
@@ -338,7 +339,7 @@ def test_release_during_fetch_does_not_resurrect():
     ca = FakeCa(clock)
     m = CertificateManager(ca, clock=clock, schedule=_schedule())
 
-    async def main():
+    async def main() -> None:
         ca.gate = asyncio.Event()
         waiter = asyncio.create_task(m.get(WEB))
         await asyncio.sleep(0)
@@ -357,7 +358,7 @@ def test_prefetch_and_background_refresh():
     ca = FakeCa(time.time, lifetime=0.2)
     m = CertificateManager(ca, schedule=_schedule(initial_backoff=0.01))
 
-    async def main():
+    async def main() -> None:
         m.start()
         m.prefetch(WEB)
         m.prefetch(WEB)
@@ -376,7 +377,7 @@ def test_stop_cancels_fetches():
     ca = FakeCa(clock)
     m = CertificateManager(ca, clock=clock, schedule=_schedule())
 
-    async def main():
+    async def main() -> None:
         ca.gate = asyncio.Event()
         m.start()
         m.prefetch(WEB)

@@ -116,7 +116,7 @@ def test_round_trip(td, ns, sa):
     assert Identity.parse(ident.uri).principal == ident.principal
 
 
-def _parse_or_invalid(text):
+def _parse_or_invalid(text: str) -> None:
     try:
         ident = Identity.parse(text)
     except InvalidIdentity:

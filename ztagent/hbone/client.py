@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from ztagent.errors import RemoteError
 from ztagent.hbone.connection import ConnectionInfo, HboneConnection, TcpLeg
 from ztagent.hbone.frames import Settings, format_authority
-from ztagent.hbone.pool import ConnectionPool, PoolKey
+from ztagent.hbone.pool import MAX_STREAMS_PER_CONNECTION, ConnectionPool, PoolKey
 from ztagent.hbone.session import HboneSession, Role
 from ztagent.hbone.tls import TlsConfig
 from ztagent.hbone.transport import TlsTransport, open_tls
@@ -76,12 +76,13 @@ class HboneClient:
         settings: Settings | None = None,
         mark: int | None = None,
         connect_timeout: float = CONNECT_TIMEOUT,
+        max_streams: int = MAX_STREAMS_PER_CONNECTION,
     ) -> None:
         self.tls = tls
         self.settings = settings or Settings()
         self.mark = mark
         self.connect_timeout = connect_timeout
-        self.pool = ConnectionPool(self._connect)
+        self.pool = ConnectionPool(self._connect, max_streams=max_streams)
 
     async def _connect(self, key: PoolKey) -> HboneConnection:
         loop = asyncio.get_running_loop()
@@ -115,6 +116,14 @@ class HboneClient:
         session = HboneSession(Role.CLIENT, self.settings, loop.time())
         conn = HboneConnection(loop, session, ConnectionInfo(identity, local, key.destination))
         conn.start(TlsTransport(loop, sock, conn))
+        # The server's SETTINGS (its stream limit) decide how many tunnels the pool puts here.
+        try:
+            await asyncio.wait_for(asyncio.shield(conn.settings_received), self.connect_timeout)
+        except TimeoutError:
+            conn.close()
+            raise TunnelFailed(f"no HTTP/2 SETTINGS from {_addr(key.destination)}") from None
+        if conn.closed:
+            raise TunnelFailed(f"HBONE connection to {_addr(key.destination)} closed at start")
         return conn
 
     async def open(self, leg: TcpLeg, tunnel: Tunnel) -> HboneConnection:

@@ -17,6 +17,7 @@ from ztagent.errors import LocalError, ZtagentError
 from ztagent.hbone.client import HboneClient, Tunnel, expected
 from ztagent.hbone.connection import TcpLeg
 from ztagent.hbone.frames import parse_authority
+from ztagent.hbone.pool import MAX_STREAMS_PER_CONNECTION
 from ztagent.hbone.server import HboneServer
 from ztagent.hbone.tls import TlsConfig
 
@@ -93,6 +94,14 @@ def register(sub: Any) -> None:
         metavar="IP:PORT",
         help="forward connections accepted here instead of stdin/stdout",
     )
+    connect.add_argument(
+        "--max-streams",
+        type=int,
+        default=MAX_STREAMS_PER_CONNECTION,
+        metavar="N",
+        help="tunnels per pooled HBONE connection before another is opened "
+        f"(default {MAX_STREAMS_PER_CONNECTION}, capped by the server's limit)",
+    )
     _add_tls_flags(connect)
     connect.set_defaults(handler=run_connect)
 
@@ -140,13 +149,12 @@ def run_connect(args: argparse.Namespace) -> int:
         via=args.via, target=args.target, expected_identities=expected(args.expect_identity)
     )
     if args.listen is None:
-        return _run(_connect_stdio(tls, tunnel))
-    return _run(_forward(tls, tunnel, args.listen))
+        return _run(_connect_stdio(HboneClient(tls), tunnel))
+    return _run(_forward(HboneClient(tls, max_streams=args.max_streams), tunnel, args.listen))
 
 
-async def _forward(tls: TlsConfig, tunnel: Tunnel, listen: tuple[str, int]) -> int:
+async def _forward(client: HboneClient, tunnel: Tunnel, listen: tuple[str, int]) -> int:
     loop = asyncio.get_running_loop()
-    client = HboneClient(tls)
     tasks: set[asyncio.Task[None]] = set()
 
     async def open_tunnel(leg: TcpLeg) -> None:
@@ -181,7 +189,7 @@ async def _forward(tls: TlsConfig, tunnel: Tunnel, listen: tuple[str, int]) -> i
     bound = server.sockets[0].getsockname()
     print(
         f"forwarding {bound[0]}:{bound[1]} -> {tunnel.authority} via "
-        f"{tunnel.via[0]}:{tunnel.via[1]} as {tls.identity}",
+        f"{tunnel.via[0]}:{tunnel.via[1]} as {client.tls.identity}",
         file=sys.stderr,
         flush=True,
     )
@@ -191,10 +199,9 @@ async def _forward(tls: TlsConfig, tunnel: Tunnel, listen: tuple[str, int]) -> i
     return 0
 
 
-async def _connect_stdio(tls: TlsConfig, tunnel: Tunnel) -> int:
+async def _connect_stdio(client: HboneClient, tunnel: Tunnel) -> int:
     """stdin/stdout become the app side of one tunnel, through a socket pair."""
     loop = asyncio.get_running_loop()
-    client = HboneClient(tls)
     ours, theirs = socket.socketpair()
     leg = TcpLeg()
     await loop.create_connection(lambda: leg, sock=ours)

@@ -45,8 +45,9 @@ class TcpLeg(asyncio.BufferedProtocol):
     __slots__ = (
         "conn",
         "early",
+        "held",
         "local_ended",
-        "read_paused",
+        "relaying",
         "remote_ended",
         "stream_id",
         "transport",
@@ -58,30 +59,36 @@ class TcpLeg(asyncio.BufferedProtocol):
         self.stream_id = 0
         self.transport: asyncio.Transport | None = None
         self.write_paused = False
-        self.read_paused = False
         self.local_ended = False
         self.remote_ended = False
-        self.early: list[bytes] | None = None  # tunnel bytes that arrived before the app connected
+        self.relaying = False
+        # Bytes that arrived before the tunnel was established: from the tunnel (`early`),
+        # and from the app (`held`; the transport may deliver a read before pausing takes hold).
+        self.early: list[bytes] = []
+        self.held: list[bytes] = []
 
     # -- asyncio.BufferedProtocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
+        # (Pausing here would not hold: reading starts after this returns. Bytes that come
+        # before the tunnel is up are held in `buffer_updated`, which then pauses.)
         self.transport = cast(asyncio.Transport, transport)
-        if self.conn is None or self.early is not None:
-            # The tunnel is not established yet: hold the app's bytes in the kernel.
-            self.pause_reading()
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return receive_buffer().view[FRAME_HEADER_SIZE:]
 
     def buffer_updated(self, nbytes: int) -> None:
         conn = self.conn
-        if conn is not None:
+        if self.relaying and conn is not None:
             conn.leg_data(self, nbytes)
+        else:
+            view = receive_buffer().view
+            self.held.append(bytes(view[FRAME_HEADER_SIZE : FRAME_HEADER_SIZE + nbytes]))
+            self.pause_reading()
 
     def eof_received(self) -> bool:
         self.local_ended = True
-        if self.conn is not None:
+        if self.relaying and self.conn is not None:
             self.conn.leg_eof(self)
         return True  # keep our writing side open: the tunnel may still carry data back
 
@@ -101,14 +108,16 @@ class TcpLeg(asyncio.BufferedProtocol):
             conn.leg_drained(self)
 
     # -- helpers
+    @property
+    def reading(self) -> bool:
+        return self.transport is not None and self.transport.is_reading()
+
     def pause_reading(self) -> None:
-        if not self.read_paused and self.transport is not None:
-            self.read_paused = True
+        if self.transport is not None and self.transport.is_reading():
             self.transport.pause_reading()
 
     def resume_reading(self) -> None:
-        if self.read_paused and self.transport is not None:
-            self.read_paused = False
+        if self.transport is not None and not self.transport.is_reading():
             self.transport.resume_reading()
 
     def abort(self) -> None:
@@ -193,13 +202,11 @@ class HboneConnection(TlsReceiver):
                     session.acknowledge(event.stream_id, size)
                     continue
                 transport = leg.transport
-                if transport is not None and leg.early is None:
+                if transport is not None and leg.relaying:
                     transport.write(event.data)
                     if transport.get_write_buffer_size():
                         receive_buffer().retained()
                 else:
-                    if leg.early is None:
-                        leg.early = []
                     leg.early.append(bytes(event.data))
                 session.acknowledge(event.stream_id, size, stream_level=not leg.write_paused)
             elif isinstance(event, SendUnblocked):
@@ -211,7 +218,7 @@ class HboneConnection(TlsReceiver):
                 if leg is not None:
                     leg.remote_ended = True
                     transport = leg.transport
-                    if transport is not None and leg.early is None and transport.can_write_eof():
+                    if transport is not None and leg.relaying and transport.can_write_eof():
                         transport.write_eof()
                     self._maybe_finish(leg)
             elif isinstance(event, ConnectRequest):
@@ -266,7 +273,7 @@ class HboneConnection(TlsReceiver):
             leg.pause_reading()
         self.flush()
         transport = self.transport
-        if transport is not None and transport.congested and not leg.read_paused:
+        if transport is not None and transport.congested and leg.reading:
             leg.pause_reading()
             self._starved.add(leg)
 
@@ -306,13 +313,31 @@ class HboneConnection(TlsReceiver):
 
     def start_relay(self, leg: TcpLeg) -> None:
         """The tunnel is established: deliver early bytes and let the app's bytes flow."""
-        early, leg.early = leg.early, None
-        if early and leg.transport is not None:
+        if leg.transport is None:
+            # The app went away while the tunnel was being set up.
+            self.legs.pop(leg.stream_id, None)
+            leg.conn = None
+            self.session.reset_stream(leg.stream_id, ErrorCode.CANCEL)
+            self.flush()
+            self._stream_closed()
+            return
+        leg.relaying = True
+        early, leg.early = leg.early, []
+        held, leg.held = leg.held, []
+        transport = leg.transport
+        if transport is not None:
             for chunk in early:
-                leg.transport.write(chunk)
-        if leg.remote_ended and leg.transport is not None and leg.transport.can_write_eof():
-            leg.transport.write_eof()
-        leg.resume_reading()
+                transport.write(chunk)
+            if leg.remote_ended and transport.can_write_eof():
+                transport.write_eof()
+        blocked = False
+        for chunk in held:
+            blocked = not self.session.send_data(leg.stream_id, chunk) or blocked
+        if leg.local_ended:
+            self.session.end_stream(leg.stream_id)
+        self.flush()
+        if not blocked:
+            leg.resume_reading()
         self._maybe_finish(leg)
 
     # ----------------------------------------------------------------- lifecycle

@@ -222,7 +222,6 @@ class HboneServer:
             conn.session.respond(sid, decision.status)
             return
         leg = TcpLeg()
-        leg.early = []
         conn.attach(leg, sid)
         self._spawn(self._connect(conn, leg, decision))
 

@@ -183,7 +183,7 @@ class _Stream:
         self.local_closed = False
         self.remote_closed = False
         self.responded = False
-        self.pending: bytes = b""
+        self.pending = bytearray()
         self.pending_end = False
 
 
@@ -317,13 +317,13 @@ class HboneSession:
         if stream is None or stream.local_closed:
             return True
         if stream.pending:
-            stream.pending += bytes(data)
+            stream.pending += data
             stream.pending_end = stream.pending_end or end_stream
             return False
         view = memoryview(data)
         sent = self._emit_data(stream, view, end_stream)
         if sent < len(view):
-            stream.pending = bytes(view[sent:])
+            stream.pending = bytearray(view[sent:])
             stream.pending_end = end_stream
             return False
         return True
@@ -858,9 +858,10 @@ class HboneSession:
     def _flush_stream(self, stream: _Stream, events: list[Event]) -> None:
         data, end = stream.pending, stream.pending_end
         if data:
-            sent = self._emit_data(stream, memoryview(data), end)
-            stream.pending = data[sent:]
-            if stream.pending:
+            # The queued frames keep their own copy: `pending` is edited below.
+            sent = self._emit_data(stream, memoryview(bytes(data)), end)
+            del data[:sent]
+            if data:
                 return
         elif end:
             self._emit_data(stream, memoryview(b""), True)
