@@ -20,6 +20,7 @@ from ztagent.hbone.frames import (
     FrameType,
     MiB,
     Settings,
+    encode_headers,
     format_authority,
     pack_frame,
     parse_authority,
@@ -512,3 +513,23 @@ def test_parse_authority_accepts(text: str, expected: tuple[str, int]) -> None:
 def test_parse_authority_rejects(text: str) -> None:
     with pytest.raises(ValueError):
         parse_authority(text)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from([":authority", ":status", "forwarded", "x-a", "content-type"]),
+            st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=300),
+        ),
+        max_size=8,
+    )
+)
+def test_our_hpack_encoding_decodes_with_the_hpack_library(headers: list[tuple[str, str]]) -> None:
+    decoded = hpack.Decoder().decode(encode_headers(headers), raw=False)
+    assert [(str(k), str(v)) for k, v in decoded] == headers
+
+
+def test_our_hpack_encoding_uses_the_static_table() -> None:
+    assert encode_headers([(":status", "200")]) == b"\x88"
+    assert encode_headers([(":method", "CONNECT")]) == b"\x02\x07CONNECT"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
+import random
 import ssl
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -50,7 +50,8 @@ class Tunnel:
 
 
 def new_traceparent() -> str:
-    return f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"
+    """A W3C trace context for a new trace (ids need to be unique, not secret)."""
+    return f"00-{random.getrandbits(128):032x}-{random.getrandbits(64) or 1:016x}-01"
 
 
 def tunnel_headers(tunnel: Tunnel) -> list[tuple[str, str]]:

@@ -64,8 +64,8 @@ class TcpLeg(asyncio.BufferedProtocol):
         self.relaying = False
         # Bytes that arrived before the tunnel was established: from the tunnel (`early`),
         # and from the app (`held`; the transport may deliver a read before pausing takes hold).
-        self.early: list[bytes] = []
-        self.held: list[bytes] = []
+        self.early: list[bytes] | None = None
+        self.held: list[bytes] | None = None
 
     # -- asyncio.BufferedProtocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -83,6 +83,8 @@ class TcpLeg(asyncio.BufferedProtocol):
             conn.leg_data(self, nbytes)
         else:
             view = receive_buffer().view
+            if self.held is None:
+                self.held = []
             self.held.append(bytes(view[FRAME_HEADER_SIZE : FRAME_HEADER_SIZE + nbytes]))
             self.pause_reading()
 
@@ -207,6 +209,8 @@ class HboneConnection(TlsReceiver):
                     if transport.get_write_buffer_size():
                         receive_buffer().retained()
                 else:
+                    if leg.early is None:
+                        leg.early = []
                     leg.early.append(bytes(event.data))
                 session.acknowledge(event.stream_id, size, stream_level=not leg.write_paused)
             elif isinstance(event, SendUnblocked):
@@ -322,8 +326,8 @@ class HboneConnection(TlsReceiver):
             self._stream_closed()
             return
         leg.relaying = True
-        early, leg.early = leg.early, []
-        held, leg.held = leg.held, []
+        early, leg.early = leg.early or (), None
+        held, leg.held = leg.held or (), None
         transport = leg.transport
         if transport is not None:
             for chunk in early:

@@ -23,7 +23,9 @@ DEFAULT_WINDOW = 65_535
 DEFAULT_MAX_FRAME = 16_384
 
 
-class FrameType(enum.IntEnum):
+class FrameType:
+    """Frame type codes (plain ints: they are compared on every frame)."""
+
     DATA = 0x0
     HEADERS = 0x1
     PRIORITY = 0x2
@@ -36,7 +38,9 @@ class FrameType(enum.IntEnum):
     CONTINUATION = 0x9
 
 
-class Flag(enum.IntFlag):
+class Flag:
+    """Frame flags (plain ints: enum flag arithmetic is slow on the hot path)."""
+
     END_STREAM = 0x1
     ACK = 0x1
     END_HEADERS = 0x4
@@ -61,7 +65,7 @@ class ErrorCode(enum.IntEnum):
     HTTP_1_1_REQUIRED = 0xD
 
 
-class SettingCode(enum.IntEnum):
+class SettingCode:
     HEADER_TABLE_SIZE = 0x1
     ENABLE_PUSH = 0x2
     MAX_CONCURRENT_STREAMS = 0x3
@@ -118,3 +122,70 @@ def parse_authority(authority: str) -> tuple[str, int]:
 
 def format_authority(ip: str, port: int) -> str:
     return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
+# ------------------------------------------------------------------ HPACK encoding
+
+# RFC 7541 Appendix A: the static table entries a CONNECT exchange can use.
+_STATIC_FULL = {
+    (":status", "200"): 8,
+    (":status", "204"): 9,
+    (":status", "206"): 10,
+    (":status", "304"): 11,
+    (":status", "400"): 12,
+    (":status", "404"): 13,
+    (":status", "500"): 14,
+    (":method", "GET"): 2,
+    (":method", "POST"): 3,
+}
+_STATIC_NAME = {
+    ":authority": 1,
+    ":method": 2,
+    ":path": 4,
+    ":scheme": 6,
+    ":status": 8,
+    "content-length": 28,
+    "content-type": 31,
+    "date": 33,
+    "host": 38,
+    "user-agent": 58,
+    "via": 60,
+}
+
+
+def _hpack_int(value: int, prefix_bits: int, first: int) -> bytes:
+    limit = (1 << prefix_bits) - 1
+    if value < limit:
+        return bytes((first | value,))
+    out = bytearray((first | limit,))
+    value -= limit
+    while value >= 128:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _hpack_string(text: str) -> bytes:
+    raw = text.encode("latin-1")
+    return _hpack_int(len(raw), 7, 0) + raw
+
+
+def encode_headers(headers: list[tuple[str, str]]) -> bytes:
+    """HPACK-encode with static-table indexes and literals *without indexing*, no Huffman.
+
+    Never touching the dynamic table makes the encoder stateless (and cheap, which matters
+    at thousands of tunnels a second); every HPACK decoder accepts the result.
+    """
+    out = []
+    for name, value in headers:
+        index = _STATIC_FULL.get((name, value))
+        if index is not None:
+            out.append(bytes((0x80 | index,)))
+            continue
+        name_index = _STATIC_NAME.get(name)
+        if name_index is not None:
+            out.append(_hpack_int(name_index, 4, 0x00) + _hpack_string(value))
+        else:
+            out.append(b"\x00" + _hpack_string(name) + _hpack_string(value))
+    return b"".join(out)

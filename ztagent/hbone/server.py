@@ -20,7 +20,7 @@ from ztagent.hbone.connection import ConnectionInfo, HboneConnection, TcpLeg
 from ztagent.hbone.frames import Settings, parse_authority
 from ztagent.hbone.session import ConnectRequest, HboneSession, Headers, Role
 from ztagent.hbone.tls import TlsConfig
-from ztagent.hbone.transport import TlsTransport, handshake
+from ztagent.hbone.transport import TlsTransport, connect_socket, handshake
 from ztagent.identity.spiffe import Identity
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ async def connect_leg(
     """Open the plaintext TCP connection of a tunnel and bind it to `leg`."""
     sock = make_socket(allow.address, allow.mark, allow.source_ip)
     try:
-        await asyncio.wait_for(loop.sock_connect(sock, allow.address), timeout)
+        await asyncio.wait_for(connect_socket(loop, sock, allow.address), timeout)
         await loop.create_connection(lambda: leg, sock=sock)
     except BaseException:
         sock.close()

@@ -39,6 +39,7 @@ from ztagent.hbone.frames import (
     FrameType,
     SettingCode,
     Settings,
+    encode_headers,
     pack_frame,
 )
 
@@ -203,7 +204,6 @@ class HboneSession:
         self.settings = settings or Settings()
         self._out: list[bytes | memoryview] = []
         self._streams: dict[int, _Stream] = {}
-        self._encoder = hpack.Encoder()
         self._decoder = hpack.Decoder(max_header_list_size=self.settings.max_header_list_size)
         self._next_stream_id = 1 if role is Role.CLIENT else 2
         self._highest_remote_id = 0
@@ -745,8 +745,6 @@ class HboneSession:
                 self._peer_max_frame = value
             elif code == SettingCode.MAX_CONCURRENT_STREAMS:
                 self.peer_max_concurrent_streams = value
-            elif code == SettingCode.HEADER_TABLE_SIZE:
-                self._encoder.header_table_size = value
             elif code == SettingCode.ENABLE_PUSH and value > 1:
                 raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, "bad ENABLE_PUSH")
         self._out.append(pack_frame(FrameType.SETTINGS, Flag.ACK, 0))
@@ -814,7 +812,7 @@ class HboneSession:
     # --------------------------------------------------------------- internals: send
 
     def _send_headers(self, sid: int, headers: Headers, end_stream: bool) -> None:
-        block = self._encoder.encode(headers)
+        block = encode_headers(headers)
         max_frame = self._peer_max_frame
         flags = Flag.END_STREAM if end_stream else 0
         if len(block) <= max_frame:

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
+import os
 import socket
 import ssl
 import threading
@@ -87,6 +89,19 @@ async def _ready(loop: asyncio.AbstractEventLoop, fd: int, write: bool) -> None:
             loop.remove_reader(fd)
 
 
+async def connect_socket(
+    loop: asyncio.AbstractEventLoop, sock: socket.socket, address: tuple[str, int]
+) -> None:
+    """Non-blocking connect to a numeric address. (`loop.sock_connect` would resolve the
+    address in a thread pool first: a thread hop per connection for nothing.)"""
+    err = sock.connect_ex(address)
+    if err in (errno.EINPROGRESS, errno.EAGAIN):
+        await _ready(loop, sock.fileno(), write=True)
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if err:
+        raise OSError(err, os.strerror(err))
+
+
 async def handshake(loop: asyncio.AbstractEventLoop, sock: ssl.SSLSocket) -> None:
     """Finish the TLS handshake of a non-blocking socket (callers bound it with a timeout)."""
     fd = sock.fileno()
@@ -119,7 +134,7 @@ async def open_tls(
         if source_ip is not None:
             raw.setsockopt(socket.SOL_IP, socket.IP_TRANSPARENT, 1)
             raw.bind((source_ip, 0))
-        await loop.sock_connect(raw, address)
+        await connect_socket(loop, raw, address)
         sock = context.wrap_socket(raw, server_side=False, do_handshake_on_connect=False)
     except BaseException:
         raw.close()
