@@ -20,6 +20,7 @@ from ztagent.hbone.frames import (
     FrameType,
     MiB,
     Settings,
+    decode_simple_headers,
     encode_headers,
     format_authority,
     pack_frame,
@@ -533,3 +534,40 @@ def test_our_hpack_encoding_decodes_with_the_hpack_library(headers: list[tuple[s
 def test_our_hpack_encoding_uses_the_static_table() -> None:
     assert encode_headers([(":status", "200")]) == b"\x88"
     assert encode_headers([(":method", "CONNECT")]) == b"\x02\x07CONNECT"
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from([":authority", ":status", ":method", "forwarded", "x-b", "via"]),
+            st.sampled_from(["200", "GET", "", "10.0.0.1:80", "v" * 200]),
+        ),
+        max_size=8,
+    )
+)
+def test_fast_decoding_round_trips_our_encoding(headers: list[tuple[str, str]]) -> None:
+    assert decode_simple_headers(encode_headers(headers)) == headers
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=64))
+def test_fast_decoding_agrees_with_the_library_or_declines(block: bytes) -> None:
+    fast = decode_simple_headers(block)
+    if fast is None:
+        return
+    try:
+        slow = hpack.Decoder().decode(block, raw=False)
+    except Exception:
+        return  # the library is stricter about values (e.g. it validates UTF-8)
+    assert fast == [(str(k), str(v)) for k, v in slow]
+
+
+def test_fast_decoding_declines_what_touches_decoder_state() -> None:
+    encoder = hpack.Encoder()
+    indexed = encoder.encode([("x-seen-twice", "a")])  # incremental indexing (0x40)
+    assert decode_simple_headers(indexed) is None
+    huffman = hpack.Encoder().encode([("x", "hello")], huffman=True)
+    assert decode_simple_headers(huffman) is None
+    assert decode_simple_headers(b"\x3f\xe1\x1f") is None  # dynamic table size update
+    assert decode_simple_headers(b"\xbe") is None  # dynamic table index 62

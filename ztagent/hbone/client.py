@@ -124,7 +124,11 @@ class HboneClient:
             conn.close()
             raise TunnelFailed(f"no HTTP/2 SETTINGS from {_addr(key.destination)}") from None
         if conn.closed:
-            raise TunnelFailed(f"HBONE connection to {_addr(key.destination)} closed at start")
+            reason = conn.close_reason
+            detail = f": {getattr(reason, 'reason', None) or reason}" if reason else ""
+            raise TunnelFailed(
+                f"HBONE connection to {_addr(key.destination)} closed at start{detail}"
+            )
         return conn
 
     async def open(self, leg: TcpLeg, tunnel: Tunnel) -> HboneConnection:
@@ -134,22 +138,21 @@ class HboneClient:
         future: asyncio.Future[int] = conn.loop.create_future()
         conn.responses[sid] = future
         conn.attach(leg, sid)
-        conn.flush()
+        # The app's bytes follow the CONNECT at once (RFC 9113 8.5): the server holds them
+        # until it has decided and connected, so they never pass a refusal, and the first
+        # byte saves a round trip. A refusal aborts the app's connection (see
+        # HboneConnection: a non-200 response resets the leg).
+        conn.start_relay(leg)
         try:
             status = await asyncio.wait_for(future, self.connect_timeout)
         except TimeoutError:
-            conn.legs.pop(sid, None)
-            leg.conn = None
-            conn.session.reset_stream(sid)
-            conn.flush()
+            conn.drop_leg(leg)
             raise TunnelFailed(f"CONNECT {tunnel.authority} timed out") from None
         if status != 200:
-            conn.legs.pop(sid, None)
-            leg.conn = None
+            conn.drop_leg(leg)
             if status == 0:
                 raise TunnelFailed(f"HBONE connection lost before CONNECT {tunnel.authority}")
             raise TunnelRefused(f"CONNECT {tunnel.authority} refused with {status}", status)
-        conn.start_relay(leg)
         return conn
 
     def close(self) -> None:

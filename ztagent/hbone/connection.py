@@ -159,6 +159,7 @@ class HboneConnection(TlsReceiver):
         self.on_stream_closed: Callable[[HboneConnection], None] | None = None
         self.transport: TlsTransport | None = None
         self.closed = False
+        self.close_reason: BaseException | None = None
         self.settings_received = loop.create_future()
         self._starved: set[TcpLeg] = set()  # legs paused because TLS is congested
         self._timer: asyncio.TimerHandle | None = None
@@ -191,6 +192,7 @@ class HboneConnection(TlsReceiver):
 
     def tls_closed(self, exc: BaseException | None) -> None:
         if exc is not None:
+            self.close_reason = exc
             log.debug("HBONE connection to %s closed: %s", self.info.peer_address, exc)
         self._terminate()
 
@@ -234,6 +236,10 @@ class HboneConnection(TlsReceiver):
                 future = self.responses.pop(event.stream_id, None)
                 if future is not None and not future.done():
                     future.set_result(event.status)
+                if event.status != 200:
+                    leg = self.legs.get(event.stream_id)
+                    if leg is not None:
+                        self.drop_leg(leg)
             elif isinstance(event, StreamReset):
                 self._stream_gone(event.stream_id)
             elif isinstance(event, SettingsReceived):
@@ -308,6 +314,18 @@ class HboneConnection(TlsReceiver):
             if leg.transport is not None:
                 leg.transport.close()
             self._stream_closed()
+
+    def drop_leg(self, leg: TcpLeg) -> None:
+        """The tunnel failed: reset its stream and abort the app's connection."""
+        if self.legs.pop(leg.stream_id, None) is None:
+            return
+        leg.conn = None
+        self._starved.discard(leg)
+        if self.session.has_stream(leg.stream_id):
+            self.session.reset_stream(leg.stream_id, ErrorCode.CANCEL)
+            self.flush()
+        leg.abort()
+        self._stream_closed()
 
     def attach(self, leg: TcpLeg, stream_id: int) -> None:
         """Bind a leg to a stream of this connection; flushes bytes that arrived early."""

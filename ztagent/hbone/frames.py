@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+import socket
 import struct
 from dataclasses import dataclass
 
@@ -113,11 +114,12 @@ def parse_authority(authority: str) -> tuple[str, int]:
         raise ValueError(f"authority {authority!r}: IPv6 needs brackets")
     if not port_text.isdigit() or not 0 < int(port_text) < 65536:
         raise ValueError(f"authority {authority!r}: bad port")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
+        ip = socket.inet_ntop(family, socket.inet_pton(family, host))  # normal form
+    except OSError:
         raise ValueError(f"authority {authority!r}: host is not an IP address") from None
-    return str(ip), int(port_text)
+    return ip, int(port_text)
 
 
 def format_authority(ip: str, port: int) -> str:
@@ -169,6 +171,139 @@ def _hpack_int(value: int, prefix_bits: int, first: int) -> bytes:
 def _hpack_string(text: str) -> bytes:
     raw = text.encode("latin-1")
     return _hpack_int(len(raw), 7, 0) + raw
+
+
+_STATIC_TABLE = (
+    None,
+    (":authority", ""),
+    (":method", "GET"),
+    (":method", "POST"),
+    (":path", "/"),
+    (":path", "/index.html"),
+    (":scheme", "http"),
+    (":scheme", "https"),
+    (":status", "200"),
+    (":status", "204"),
+    (":status", "206"),
+    (":status", "304"),
+    (":status", "400"),
+    (":status", "404"),
+    (":status", "500"),
+    ("accept-charset", ""),
+    ("accept-encoding", "gzip, deflate"),
+    ("accept-language", ""),
+    ("accept-ranges", ""),
+    ("accept", ""),
+    ("access-control-allow-origin", ""),
+    ("age", ""),
+    ("allow", ""),
+    ("authorization", ""),
+    ("cache-control", ""),
+    ("content-disposition", ""),
+    ("content-encoding", ""),
+    ("content-language", ""),
+    ("content-length", ""),
+    ("content-location", ""),
+    ("content-range", ""),
+    ("content-type", ""),
+    ("cookie", ""),
+    ("date", ""),
+    ("etag", ""),
+    ("expect", ""),
+    ("expires", ""),
+    ("from", ""),
+    ("host", ""),
+    ("if-match", ""),
+    ("if-modified-since", ""),
+    ("if-none-match", ""),
+    ("if-range", ""),
+    ("if-unmodified-since", ""),
+    ("last-modified", ""),
+    ("link", ""),
+    ("location", ""),
+    ("max-forwards", ""),
+    ("proxy-authenticate", ""),
+    ("proxy-authorization", ""),
+    ("range", ""),
+    ("referer", ""),
+    ("refresh", ""),
+    ("retry-after", ""),
+    ("server", ""),
+    ("set-cookie", ""),
+    ("strict-transport-security", ""),
+    ("transfer-encoding", ""),
+    ("user-agent", ""),
+    ("vary", ""),
+    ("via", ""),
+    ("www-authenticate", ""),
+)
+
+
+class _NotSimple(Exception):
+    pass
+
+
+def _read_int(data: bytes, pos: int, prefix_bits: int) -> tuple[int, int]:
+    limit = (1 << prefix_bits) - 1
+    value = data[pos] & limit
+    pos += 1
+    if value < limit:
+        return value, pos
+    shift = 0
+    while True:
+        if pos >= len(data) or shift > 28:
+            raise _NotSimple
+        byte = data[pos]
+        pos += 1
+        value += (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            return value, pos
+
+
+def _read_string(data: bytes, pos: int) -> tuple[str, int]:
+    if pos >= len(data) or data[pos] & 0x80:  # Huffman-coded
+        raise _NotSimple
+    length, pos = _read_int(data, pos, 7)
+    end = pos + length
+    if end > len(data):
+        raise _NotSimple
+    return data[pos:end].decode("latin-1"), end
+
+
+def decode_simple_headers(data: bytes) -> list[tuple[str, str]] | None:
+    """Decode a header block that leaves the HPACK dynamic table alone (static indexes and
+    literals without indexing, no Huffman: what `encode_headers` writes). Returns None for
+    anything else, which then goes to the full decoder; nothing here changes decoder state."""
+    out = []
+    pos = 0
+    try:
+        while pos < len(data):
+            first = data[pos]
+            if first & 0x80:
+                index, pos = _read_int(data, pos, 7)
+                if not 0 < index < len(_STATIC_TABLE):
+                    return None
+                entry = _STATIC_TABLE[index]
+                assert entry is not None
+                out.append(entry)
+            elif first & 0xE0 in (0x00, 0x10):  # literal without indexing / never indexed
+                index, pos = _read_int(data, pos, 4)
+                if index:
+                    if index >= len(_STATIC_TABLE):
+                        return None
+                    entry = _STATIC_TABLE[index]
+                    assert entry is not None
+                    name = entry[0]
+                else:
+                    name, pos = _read_string(data, pos)
+                value, pos = _read_string(data, pos)
+                out.append((name, value))
+            else:
+                return None
+    except _NotSimple:
+        return None
+    return out
 
 
 def encode_headers(headers: list[tuple[str, str]]) -> bytes:

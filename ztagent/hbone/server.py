@@ -90,7 +90,7 @@ async def connect_leg(
     """Open the plaintext TCP connection of a tunnel and bind it to `leg`."""
     sock = make_socket(allow.address, allow.mark, allow.source_ip)
     try:
-        await asyncio.wait_for(connect_socket(loop, sock, allow.address), timeout)
+        await connect_socket(loop, sock, allow.address, timeout)
         await loop.create_connection(lambda: leg, sock=sock)
     except BaseException:
         sock.close()
@@ -229,8 +229,11 @@ class HboneServer:
         loop = asyncio.get_running_loop()
         try:
             await connect_leg(loop, leg, allow)
-        except (OSError, TimeoutError) as exc:
-            log.info("HBONE upstream %s:%s failed: %s", *allow.address, _reason(exc))
+        except Exception as exc:
+            if isinstance(exc, OSError | TimeoutError):
+                log.info("HBONE upstream %s:%s failed: %s", *allow.address, _reason(exc))
+            else:
+                log.exception("HBONE upstream %s:%s failed", *allow.address)
             if leg.conn is conn:
                 conn.legs.pop(leg.stream_id, None)
                 leg.conn = None

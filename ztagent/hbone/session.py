@@ -39,6 +39,7 @@ from ztagent.hbone.frames import (
     FrameType,
     SettingCode,
     Settings,
+    decode_simple_headers,
     encode_headers,
     pack_frame,
 )
@@ -643,8 +644,17 @@ class HboneSession:
     def _header_block_done(self, sid: int, flags: int, events: list[Event]) -> None:
         block = bytes(self._header_block)
         self._header_block = bytearray()
+        simple = decode_simple_headers(block)
         try:
-            headers: Headers = [(str(k), str(v)) for k, v in self._decoder.decode(block, raw=False)]
+            if simple is not None:
+                if (
+                    sum(len(k) + len(v) + 32 for k, v in simple)
+                    > self.settings.max_header_list_size
+                ):
+                    raise hpack.OversizedHeaderListError("header list too large")
+                headers: Headers = simple
+            else:
+                headers = [(str(k), str(v)) for k, v in self._decoder.decode(block, raw=False)]
         except hpack.OversizedHeaderListError:
             # The decoder state stayed consistent; only this request is refused.
             self._note_remote_stream(sid)

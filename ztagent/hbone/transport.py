@@ -17,6 +17,7 @@ import contextlib
 import errno
 import logging
 import os
+import select
 import socket
 import ssl
 import threading
@@ -90,13 +91,18 @@ async def _ready(loop: asyncio.AbstractEventLoop, fd: int, write: bool) -> None:
 
 
 async def connect_socket(
-    loop: asyncio.AbstractEventLoop, sock: socket.socket, address: tuple[str, int]
+    loop: asyncio.AbstractEventLoop,
+    sock: socket.socket,
+    address: tuple[str, int],
+    timeout: float,
 ) -> None:
     """Non-blocking connect to a numeric address. (`loop.sock_connect` would resolve the
-    address in a thread pool first: a thread hop per connection for nothing.)"""
+    address in a thread pool first: a thread hop per connection for nothing.) A connect that
+    completes at once, as on loopback, costs no loop iteration and no timer."""
     err = sock.connect_ex(address)
     if err in (errno.EINPROGRESS, errno.EAGAIN):
-        await _ready(loop, sock.fileno(), write=True)
+        if not select.select((), (sock,), (), 0)[1]:
+            await asyncio.wait_for(_ready(loop, sock.fileno(), write=True), timeout)
         err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
     if err:
         raise OSError(err, os.strerror(err))
@@ -122,6 +128,7 @@ async def open_tls(
     *,
     source_ip: str | None = None,
     mark: int | None = None,
+    timeout: float = 10.0,
 ) -> ssl.SSLSocket:
     """Connect and handshake as a TLS client (no SNI)."""
     family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
@@ -134,7 +141,7 @@ async def open_tls(
         if source_ip is not None:
             raw.setsockopt(socket.SOL_IP, socket.IP_TRANSPARENT, 1)
             raw.bind((source_ip, 0))
-        await connect_socket(loop, raw, address)
+        await connect_socket(loop, raw, address, timeout)
         sock = context.wrap_socket(raw, server_side=False, do_handshake_on_connect=False)
     except BaseException:
         raw.close()
