@@ -251,10 +251,42 @@ def measure_throughput(
         print(f"    {key:<10} {gbits:8.2f} Gbit/s{cpu_text(chain, cpu)}", flush=True)
 
 
+TIME_WAIT_SETTLED = 2_000
+TIME_WAIT_MAX_WAIT = 65.0
+
+
+def time_wait_sockets() -> int:
+    """TCP sockets in TIME_WAIT on this host (state 06 in /proc/net/tcp{,6})."""
+    count = 0
+    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(name) as table:
+                next(table, None)
+                count += sum(1 for line in table if line.split()[3] == "06")
+        except OSError:
+            continue
+    return count
+
+
+def settle_time_wait() -> None:
+    """Let earlier connection-rate runs' TIME_WAIT sockets expire first: thousands of them
+    make every connect() search longer for a free port, which would slow whichever pair runs
+    later, relays and load generator alike. Bounded by the kernel's 60 s TIME_WAIT."""
+    deadline = time.monotonic() + TIME_WAIT_MAX_WAIT
+    count = time_wait_sockets()
+    if count <= TIME_WAIT_SETTLED:
+        return
+    print(f"    (waiting for {count} TIME_WAIT sockets to expire)", flush=True)
+    while count > TIME_WAIT_SETTLED and time.monotonic() < deadline:
+        time.sleep(1.0)
+        count = time_wait_sockets()
+
+
 def measure_requests(state: PairState, settings: Settings, runner: Runner) -> None:
     chain = state.conn
     assert chain is not None
     chain.check_alive()
+    settle_time_wait()
     rate, cpu = with_cpu(
         chain,
         lambda: runner.run(
@@ -483,7 +515,15 @@ def main(argv: list[str] | None = None) -> int:
         f"(default: {','.join(DEFAULT_PAIRS)})",
     )
     parser.add_argument("--idle-conns", type=int, default=2000, help="idle connections to hold")
+    parser.add_argument(
+        "--only",
+        default="tput,requests,idle",
+        help="comma-separated measurement groups: tput, requests, idle (default: all)",
+    )
     args = parser.parse_args(argv)
+    groups = set(args.only.split(","))
+    if not groups <= {"tput", "requests", "idle"}:
+        parser.error("--only takes tput, requests, idle")
     if not 1 <= args.runs <= 20:
         parser.error("--runs must be between 1 and 20")
     if not 1 <= args.idle_conns <= 20_000:
@@ -548,9 +588,17 @@ def main(argv: list[str] | None = None) -> int:
                         )
                         state.fail(f"no echo through the pair: {exc!r} {detail}")
 
-            print(f"Idle connections ({settings.idle_conns} per pair, fresh relays)", flush=True)
+            if "idle" in groups:
+                print(
+                    f"Idle connections ({settings.idle_conns} per pair, fresh relays)", flush=True
+                )
             for state in states:
-                if state.active and state.conn is not None and state.conn.entry is not None:
+                if (
+                    "idle" in groups
+                    and state.active
+                    and state.conn is not None
+                    and state.conn.entry is not None
+                ):
                     print(f"  {state.name}", flush=True)
                     try:
                         measure_idle(state, settings, runner)
@@ -563,8 +611,10 @@ def main(argv: list[str] | None = None) -> int:
                         continue
                     print(f"Run {run}/{settings.runs}: {state.name}", flush=True)
                     try:
-                        measure_throughput(state, settings, iperf, iperf_binary)
-                        measure_requests(state, settings, runner)
+                        if "tput" in groups:
+                            measure_throughput(state, settings, iperf, iperf_binary)
+                        if "requests" in groups:
+                            measure_requests(state, settings, runner)
                     except PairFailed as exc:
                         state.fail(str(exc))
             for state in states:

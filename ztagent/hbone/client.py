@@ -88,15 +88,13 @@ class HboneClient:
     async def _connect(self, key: PoolKey) -> HboneConnection:
         loop = asyncio.get_running_loop()
         try:
-            sock = await asyncio.wait_for(
-                open_tls(
-                    loop,
-                    self.tls.client_context,
-                    key.destination,
-                    source_ip=key.source_ip,
-                    mark=self.mark,
-                ),
-                self.connect_timeout,
+            stream = await open_tls(
+                loop,
+                self.tls.client_context,
+                key.destination,
+                source_ip=key.source_ip,
+                mark=self.mark,
+                timeout=self.connect_timeout,
             )
         except TimeoutError:
             raise TunnelFailed(f"HBONE connect to {_addr(key.destination)} timed out") from None
@@ -109,14 +107,14 @@ class HboneClient:
                 f"HBONE connect to {_addr(key.destination)} failed: {exc.strerror or exc}"
             ) from None
         try:
-            identity = self.tls.check_server(sock, key.destination_identities)
+            identity = self.tls.check_server(stream.obj, key.destination_identities)
         except RemoteError:
-            sock.close()
+            stream.close()
             raise
-        local = sock.getsockname()[:2]
+        local = stream.sock.getsockname()[:2]
         session = HboneSession(Role.CLIENT, self.settings, loop.time())
         conn = HboneConnection(loop, session, ConnectionInfo(identity, local, key.destination))
-        conn.start(TlsTransport(loop, sock, conn))
+        conn.start(TlsTransport(loop, stream, conn))
         # The server's SETTINGS (its stream limit) decide how many tunnels the pool puts here.
         try:
             await asyncio.wait_for(asyncio.shield(conn.settings_received), self.connect_timeout)

@@ -9,6 +9,7 @@ workload lookup and L4 authorization in here; `ztagent hbone serve` allows every
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import ssl
@@ -20,7 +21,7 @@ from ztagent.hbone.connection import ConnectionInfo, HboneConnection, TcpLeg
 from ztagent.hbone.frames import Settings, parse_authority
 from ztagent.hbone.session import ConnectRequest, HboneSession, Headers, Role
 from ztagent.hbone.tls import TlsConfig
-from ztagent.hbone.transport import TlsTransport, connect_socket, handshake
+from ztagent.hbone.transport import TlsStream, TlsTransport, connect_socket
 from ztagent.identity.spiffe import Identity
 
 log = logging.getLogger(__name__)
@@ -165,13 +166,17 @@ class HboneServer:
             log.info("HBONE from %s:%s to %s:%s refused: no certificate for it", *peer, *local)
             raw.close()
             return
-        sock = tls.server_context.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
+        stream = TlsStream(raw, tls.server_context, server_side=True)
         try:
-            await asyncio.wait_for(handshake(loop, sock), HANDSHAKE_TIMEOUT)
-            identity = tls.check_client(sock)
+            await asyncio.wait_for(stream.handshake(loop), HANDSHAKE_TIMEOUT)
+            identity = tls.check_client(stream.obj)
         except (OSError, ssl.SSLError, RemoteError, TimeoutError) as exc:
             log.info("HBONE handshake from %s:%s failed: %s", peer[0], peer[1], _reason(exc))
-            sock.close()
+            with contextlib.suppress(ssl.SSLError, OSError):
+                stream.obj.unwrap()  # best effort: tell the peer (an alert) before closing
+            with contextlib.suppress(OSError):
+                raw.send(stream.outgoing.read())
+            stream.close()
             return
         session = HboneSession(Role.SERVER, self.settings, loop.time())
         conn = HboneConnection(
@@ -182,7 +187,7 @@ class HboneServer:
             on_closed=self.connections.discard,
         )
         self.connections.add(conn)
-        conn.start(TlsTransport(loop, sock, conn))
+        conn.start(TlsTransport(loop, stream, conn))
 
     # ------------------------------------------------------------------- requests
 

@@ -72,7 +72,10 @@ def _context(server_side: bool, cert: WorkloadCertificate, allow_tls12: bool) ->
     return context
 
 
-def peer_identity(sock: ssl.SSLSocket) -> Identity | None:
+TlsObject = ssl.SSLObject | ssl.SSLSocket
+
+
+def peer_identity(sock: TlsObject) -> Identity | None:
     """The first URI SAN of the verified peer certificate, when it is a SPIFFE id."""
     cert = sock.getpeercert()
     if not cert:
@@ -106,7 +109,7 @@ class TlsConfig:
     ) -> TlsConfig:
         return cls(WorkloadCertificate.load(cert_path, key_path, roots_path), allow_tls12)
 
-    def check_session(self, sock: ssl.SSLSocket) -> None:
+    def check_session(self, sock: TlsObject) -> None:
         """What both roles require of a finished handshake."""
         if sock.selected_alpn_protocol() != "h2":
             raise PeerRejected("peer did not negotiate ALPN h2")
@@ -114,7 +117,7 @@ class TlsConfig:
         if cipher is None or cipher[0] not in ALLOWED_CIPHERS:
             raise PeerRejected(f"cipher {cipher[0] if cipher else None} is not allowed")
 
-    def check_server(self, sock: ssl.SSLSocket, expected: Iterable[Identity]) -> Identity:
+    def check_server(self, sock: TlsObject, expected: Iterable[Identity]) -> Identity:
         """Client side: the server must be one of the identities we expect to reach."""
         self.check_session(sock)
         identity = peer_identity(sock)
@@ -126,7 +129,7 @@ class TlsConfig:
             raise PeerRejected(f"server identity {identity} is not the expected one ({names})")
         return identity
 
-    def check_client(self, sock: ssl.SSLSocket) -> Identity:
+    def check_client(self, sock: TlsObject) -> Identity:
         """Server side: the client must carry a SPIFFE identity in our trust domain."""
         self.check_session(sock)
         identity = peer_identity(sock)

@@ -1,9 +1,10 @@
 """The thin asyncio layer under HBONE: a TLS transport and the shared receive buffer.
 
-`TlsTransport` drives a non-blocking `ssl.SSLSocket` from the event loop's readiness
-callbacks: OpenSSL decrypts straight into our receive buffer and encrypts straight onto the
-socket, so no memory BIO copies sit in between (the cost that dominates the usual asyncio SSL
-transports at multi-gigabit rates).
+`TlsTransport` runs OpenSSL over memory BIOs (`ssl.SSLObject`) and does the socket calls
+itself from the event loop's readiness callbacks: one `recv` takes in as many TLS records as
+the kernel holds and one `send` puts out every record a batch of frames produced. (OpenSSL on
+a socket, without read-ahead, would make two `read` calls per record and one `write` per
+record: the syscalls cost far more than the extra copy through the BIO.)
 
 `ReceiveBuffer` is one 256 KiB buffer per thread that every read uses in turn. A consumer that
 hands a slice of it to a transport which keeps a reference (unsent data) calls `retained()`,
@@ -21,7 +22,8 @@ import select
 import socket
 import ssl
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from typing import cast
 
 log = logging.getLogger(__name__)
 
@@ -108,17 +110,54 @@ async def connect_socket(
         raise OSError(err, os.strerror(err))
 
 
-async def handshake(loop: asyncio.AbstractEventLoop, sock: ssl.SSLSocket) -> None:
-    """Finish the TLS handshake of a non-blocking socket (callers bound it with a timeout)."""
-    fd = sock.fileno()
-    while True:
-        try:
-            sock.do_handshake()
+class TlsStream:
+    """A non-blocking socket with an `ssl.SSLObject` on memory BIOs, before and during the
+    handshake. `TlsTransport` takes it over once the handshake is done."""
+
+    __slots__ = ("incoming", "obj", "outgoing", "sock")
+
+    def __init__(self, sock: socket.socket, context: ssl.SSLContext, server_side: bool) -> None:
+        self.sock = sock
+        self.incoming = ssl.MemoryBIO()
+        self.outgoing = ssl.MemoryBIO()
+        self.obj = context.wrap_bio(self.incoming, self.outgoing, server_side=server_side)
+
+    async def handshake(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Finish the TLS handshake (callers bound it with a timeout)."""
+        while True:
+            try:
+                self.obj.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                await self._send_pending(loop)
+                await self._receive(loop)
+        await self._send_pending(loop)
+
+    async def _send_pending(self, loop: asyncio.AbstractEventLoop) -> None:
+        data = memoryview(self.outgoing.read())
+        while data:
+            try:
+                sent = self.sock.send(data)
+            except BlockingIOError:
+                await _ready(loop, self.sock.fileno(), write=True)
+                continue
+            data = data[sent:]
+
+    async def _receive(self, loop: asyncio.AbstractEventLoop) -> None:
+        while True:
+            try:
+                data = self.sock.recv(65536)
+            except BlockingIOError:
+                await _ready(loop, self.sock.fileno(), write=False)
+                continue
+            if not data:
+                raise ConnectionResetError("connection closed during the TLS handshake")
+            self.incoming.write(data)
             return
-        except ssl.SSLWantReadError:
-            await _ready(loop, fd, write=False)
-        except ssl.SSLWantWriteError:
-            await _ready(loop, fd, write=True)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
 
 
 async def open_tls(
@@ -129,7 +168,7 @@ async def open_tls(
     source_ip: str | None = None,
     mark: int | None = None,
     timeout: float = 10.0,
-) -> ssl.SSLSocket:
+) -> TlsStream:
     """Connect and handshake as a TLS client (no SNI)."""
     family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
     raw = socket.socket(family, socket.SOCK_STREAM)
@@ -142,24 +181,34 @@ async def open_tls(
             raw.setsockopt(socket.SOL_IP, socket.IP_TRANSPARENT, 1)
             raw.bind((source_ip, 0))
         await connect_socket(loop, raw, address, timeout)
-        sock = context.wrap_socket(raw, server_side=False, do_handshake_on_connect=False)
+        stream = TlsStream(raw, context, server_side=False)
+        await asyncio.wait_for(stream.handshake(loop), timeout)
     except BaseException:
         raw.close()
         raise
-    try:
-        await handshake(loop, sock)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
+    return stream
+
+
+_cipher_local = threading.local()
+
+
+def _cipher_buffer() -> memoryview:
+    """Per-thread scratch space for ciphertext on its way into a BIO."""
+    view: memoryview | None = getattr(_cipher_local, "view", None)
+    if view is None:
+        view = _cipher_local.view = memoryview(bytearray(RECEIVE_BUFFER_SIZE))
+    return view
 
 
 class TlsTransport:
-    """Moves bytes between an established non-blocking SSLSocket and a `TlsReceiver`."""
+    """Moves bytes between an established `TlsStream` and a `TlsReceiver`."""
 
     __slots__ = (
         "_closed",
+        "_incoming",
         "_loop",
+        "_obj",
+        "_outgoing",
         "_over_high_water",
         "_pending",
         "_read_paused",
@@ -170,19 +219,22 @@ class TlsTransport:
     )
 
     def __init__(
-        self, loop: asyncio.AbstractEventLoop, sock: ssl.SSLSocket, receiver: TlsReceiver
+        self, loop: asyncio.AbstractEventLoop, stream: TlsStream, receiver: TlsReceiver
     ) -> None:
         self._loop = loop
-        self._sock = sock
+        self._sock = stream.sock
+        self._obj = stream.obj
+        self._incoming = stream.incoming
+        self._outgoing = stream.outgoing
         self._receiver = receiver
-        self.fd = sock.fileno()
+        self.fd = stream.sock.fileno()
         self._pending = bytearray()
         self._writer_on = False
         self._read_paused = False
         self._closed = False
         self._over_high_water = False
         loop.add_reader(self.fd, self._on_readable)
-        if sock.pending():
+        if self._incoming.pending:
             loop.call_soon(self._on_readable)
 
     @property
@@ -198,41 +250,55 @@ class TlsTransport:
     def _on_readable(self) -> None:
         if self._closed or self._read_paused:
             return
-        sock = self._sock
-        shared = receive_buffer()
+        cipher = _cipher_buffer()
         for _ in range(READS_PER_CALLBACK):
-            view = shared.view
-            filled = 0
-            eof = False
-            # One SSL_read yields at most one record: gather several per delivery.
-            while filled < RECEIVE_BUFFER_SIZE:
-                try:
-                    n = sock.recv_into(view[filled:])
-                except (ssl.SSLWantReadError, BlockingIOError):
-                    break
-                except ssl.SSLWantWriteError:
-                    self._start_writer()
-                    break
-                except (OSError, ssl.SSLError) as exc:
-                    if filled:
-                        self._receiver.tls_data(view[:filled])
-                    self._abort(exc)
-                    return
-                if n == 0:
-                    eof = True
-                    break
-                filled += n
-            if filled:
-                self._receiver.tls_data(view[:filled])
-            if eof:
-                self._abort(None)
+            try:
+                n = self._sock.recv_into(cipher)
+            except (BlockingIOError, InterruptedError):
                 return
-            if self._closed or self._read_paused or filled < RECEIVE_BUFFER_SIZE:
-                if not self._closed and not self._read_paused and sock.pending():
-                    self._loop.call_soon(self._on_readable)
+            except OSError as exc:
+                self._abort(exc)
                 return
-        if not self._closed and not self._read_paused:
-            self._loop.call_soon(self._on_readable)
+            if n == 0:
+                self._incoming.write_eof()
+                self._decrypt(eof=True)
+                return
+            self._incoming.write(cipher[:n])
+            self._decrypt(eof=False)
+            if n < len(cipher) or self._closed or self._read_paused:
+                return
+        self._loop.call_soon(self._on_readable)
+
+    def _decrypt(self, eof: bool) -> None:
+        obj = self._obj
+        shared = receive_buffer()
+        view = shared.view
+        filled = 0
+        while not self._closed and not self._read_paused:
+            try:
+                # With a buffer, read() returns a count (typeshed says bytes).
+                n = cast(int, obj.read(RECEIVE_BUFFER_SIZE - filled, view[filled:]))
+            except ssl.SSLWantReadError:
+                break
+            except (ssl.SSLError, OSError) as exc:
+                if filled:
+                    self._receiver.tls_data(view[:filled])
+                self._abort(None if isinstance(exc, ssl.SSLEOFError) and eof else exc)
+                return
+            if n == 0:  # close_notify
+                eof = True
+                break
+            filled += n
+            if filled == RECEIVE_BUFFER_SIZE:
+                self._receiver.tls_data(view)
+                view = shared.view
+                filled = 0
+        if filled:
+            self._receiver.tls_data(view[:filled])
+        if self._outgoing.pending:  # the read produced records to send (a key update)
+            self._flush()
+        if eof and not self._closed:
+            self._abort(None)
 
     def pause_reading(self) -> None:
         if not self._read_paused and not self._closed:
@@ -243,51 +309,50 @@ class TlsTransport:
         if self._read_paused and not self._closed:
             self._read_paused = False
             self._loop.add_reader(self.fd, self._on_readable)
-            self._loop.call_soon(self._on_readable)
+            if self._incoming.pending or self._obj.pending():
+                self._loop.call_soon(self._decrypt, False)
 
     # ------------------------------------------------------------------------ writing
 
     def write_chunks(self, chunks: Sequence[bytes | memoryview]) -> None:
-        """Send frames; small ones are joined so they travel in one TLS record."""
+        """Encrypt frames and send the records in one go; small frames are joined first so
+        they share a TLS record."""
         if self._closed or not chunks:
             return
-        if len(chunks) == 1:
-            self.write(chunks[0])
-            return
-        total = sum(len(c) for c in chunks)
-        if total <= JOIN_LIMIT:
-            self.write(b"".join(chunks))
-            return
-        group: list[bytes | memoryview] = []
-        size = 0
-        for chunk in chunks:
-            if size + len(chunk) > JOIN_LIMIT and group:
-                self.write(b"".join(group) if len(group) > 1 else group[0])
-                group, size = [], 0
-            group.append(chunk)
-            size += len(chunk)
-        if group:
-            self.write(b"".join(group) if len(group) > 1 else group[0])
-
-    def write(self, data: bytes | memoryview) -> None:
-        if self._closed or not data:
-            return
-        if self._pending:
-            self._pending += data
-            self._check_high_water()
-            return
-        view = memoryview(data)
-        sent = 0
+        obj = self._obj
         try:
-            while sent < len(view):
-                sent += self._sock.send(view[sent:])
-        except (ssl.SSLWantWriteError, BlockingIOError, ssl.SSLWantReadError):
-            pass
-        except (OSError, ssl.SSLError) as exc:
+            if len(chunks) == 1:
+                obj.write(chunks[0])
+            elif sum(len(c) for c in chunks) <= JOIN_LIMIT:
+                obj.write(b"".join(chunks))
+            else:
+                for chunk in chunks:
+                    obj.write(chunk)
+        except (ssl.SSLError, OSError) as exc:
             self._abort(exc)
             return
-        if sent < len(view):
-            self._pending += view[sent:]
+        self._flush()
+
+    def write(self, data: bytes | memoryview) -> None:
+        self.write_chunks((data,))
+
+    def _flush(self) -> None:
+        out = self._outgoing.read()
+        if not out:
+            return
+        if self._pending:
+            self._pending += out
+            self._check_high_water()
+            return
+        try:
+            sent = self._sock.send(out)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as exc:
+            self._abort(exc)
+            return
+        if sent < len(out):
+            self._pending += memoryview(out)[sent:]
             self._start_writer()
             self._check_high_water()
 
@@ -307,25 +372,17 @@ class TlsTransport:
     def _on_writable(self) -> None:
         if self._closed:
             return
-        sent = 0
         try:
-            while sent < len(self._pending):
-                sent += self._sock.send(memoryview(self._pending)[sent:])
-        except (ssl.SSLWantWriteError, BlockingIOError):
-            pass
-        except ssl.SSLWantReadError:
-            pass
-        except (OSError, ssl.SSLError) as exc:
+            sent = self._sock.send(self._pending)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
             self._abort(exc)
             return
-        if sent:
-            del self._pending[:sent]
+        del self._pending[:sent]
         if not self._pending:
             self._writer_on = False
             self._loop.remove_writer(self.fd)
-            if not self._read_paused:
-                # A read may have been waiting on this write (TLS key update).
-                self._loop.call_soon(self._on_readable)
         if self._over_high_water and len(self._pending) <= WRITE_LOW_WATER:
             self._over_high_water = False
             self._receiver.tls_writable()
@@ -336,9 +393,12 @@ class TlsTransport:
         """Close after trying to send what is queued (bounded: no waiting for a slow peer)."""
         if self._closed:
             return
-        if self._pending:
-            with contextlib.suppress(OSError, ssl.SSLError):
-                self._sock.send(bytes(self._pending))
+        with contextlib.suppress(ssl.SSLError, OSError):
+            self._obj.unwrap()
+        with contextlib.suppress(ssl.SSLError, OSError):
+            self._pending += self._outgoing.read()
+            if self._pending:
+                self._sock.send(self._pending)
         self._abort(None)
 
     def _abort(self, exc: BaseException | None) -> None:
@@ -353,6 +413,3 @@ class TlsTransport:
             self._sock.close()
         receiver = self._receiver
         self._loop.call_soon(receiver.tls_closed, exc)
-
-
-ProtocolFactory = Callable[[], asyncio.BaseProtocol]
