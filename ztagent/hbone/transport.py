@@ -103,7 +103,9 @@ async def connect_socket(
     completes at once, as on loopback, costs no loop iteration and no timer."""
     err = sock.connect_ex(address)
     if err in (errno.EINPROGRESS, errno.EAGAIN):
-        if not select.select((), (sock,), (), 0)[1]:
+        poller = select.poll()  # select.select() cannot take descriptors past 1023
+        poller.register(sock, select.POLLOUT)
+        if not poller.poll(0):
             await asyncio.wait_for(_ready(loop, sock.fileno(), write=True), timeout)
         err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
     if err:
