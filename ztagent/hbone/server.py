@@ -21,7 +21,7 @@ from ztagent.hbone.connection import ConnectionInfo, HboneConnection, TcpLeg
 from ztagent.hbone.frames import Settings, parse_authority
 from ztagent.hbone.session import ConnectRequest, HboneSession, Headers, Role
 from ztagent.hbone.tls import TlsConfig
-from ztagent.hbone.transport import TlsStream, TlsTransport, connect_socket
+from ztagent.hbone.transport import TlsStream, TlsTransport, connect_socket, make_socket
 from ztagent.identity.spiffe import Identity
 
 log = logging.getLogger(__name__)
@@ -66,23 +66,6 @@ Decide = Callable[[InboundRequest], Allow | Deny]
 def allow_authority(request: InboundRequest) -> Allow:
     """Connect every CONNECT to its `:authority` (the `ztagent hbone serve` policy)."""
     return Allow(request.target)
-
-
-def make_socket(address: tuple[str, int], mark: int | None, source_ip: str | None) -> socket.socket:
-    family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if mark is not None:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
-        if source_ip is not None:
-            sock.setsockopt(socket.SOL_IP, socket.IP_TRANSPARENT, 1)
-            sock.bind((source_ip, 0))
-    except BaseException:
-        sock.close()
-        raise
-    return sock
 
 
 async def connect_leg(

@@ -112,6 +112,23 @@ async def connect_socket(
         raise OSError(err, os.strerror(err))
 
 
+def make_socket(address: tuple[str, int], mark: int | None, source_ip: str | None) -> socket.socket:
+    family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if mark is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+        if source_ip is not None:
+            sock.setsockopt(socket.SOL_IP, socket.IP_TRANSPARENT, 1)
+            sock.bind((source_ip, 0))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 class TlsStream:
     """A non-blocking socket with an `ssl.SSLObject` on memory BIOs, before and during the
     handshake. `TlsTransport` takes it over once the handshake is done."""
@@ -172,16 +189,8 @@ async def open_tls(
     timeout: float = 10.0,
 ) -> TlsStream:
     """Connect and handshake as a TLS client (no SNI)."""
-    family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-    raw = socket.socket(family, socket.SOCK_STREAM)
+    raw = make_socket(address, mark, source_ip)
     try:
-        raw.setblocking(False)
-        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if mark is not None:
-            raw.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
-        if source_ip is not None:
-            raw.setsockopt(socket.SOL_IP, socket.IP_TRANSPARENT, 1)
-            raw.bind((source_ip, 0))
         await connect_socket(loop, raw, address, timeout)
         stream = TlsStream(raw, context, server_side=False)
         await asyncio.wait_for(stream.handshake(loop), timeout)
