@@ -1,0 +1,1 @@
+"""Moving application connections: the listeners' protocols and the relay."""
