@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Callable, Sequence
 
 from ztagent import __version__
 from ztagent.errors import ZtagentError
+from ztagent.telemetry.accesslog import configure_logging
 
 Handler = Callable[[argparse.Namespace], int]
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ztagent import ctl as ctl_command
     from ztagent.hbone import command as hbone_command
     from ztagent.identity import command as ca_command
+    from ztagent.node import command as node_command
 
     parser = argparse.ArgumentParser(
         prog="ztagent",
@@ -35,17 +37,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     ca_command.register(sub)
     hbone_command.register(sub)
+    node_command.register(sub)
+    ctl_command.register(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, args.log_level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(args.log_level)  # text, or JSON when LOG_FORMAT=json
     handler: Handler = args.handler
     try:
         return handler(args)

@@ -43,12 +43,16 @@ class TcpLeg(asyncio.BufferedProtocol):
     """The plaintext TCP side of one tunnel."""
 
     __slots__ = (
+        "bytes_in",
+        "bytes_out",
         "conn",
         "early",
         "held",
         "local_ended",
+        "on_done",
         "relaying",
         "remote_ended",
+        "reply",
         "stream_id",
         "transport",
         "write_paused",
@@ -66,6 +70,13 @@ class TcpLeg(asyncio.BufferedProtocol):
         # and from the app (`held`; the transport may deliver a read before pausing takes hold).
         self.early: list[bytes] | None = None
         self.held: list[bytes] | None = None
+        self.bytes_in = 0  # from the app into the tunnel
+        self.bytes_out = 0  # from the tunnel to the app
+        # Given the CONNECT's status; what it returns is written to the app first: before any
+        # tunnel bytes on 200, before closing otherwise (e.g. a SOCKS5 reply).
+        self.reply: Callable[[int], bytes] | None = None
+        # Called once when the leg leaves its tunnel, with an error text or None (clean end).
+        self.on_done: Callable[[TcpLeg, str | None], None] | None = None
 
     # -- asyncio.BufferedProtocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -125,6 +136,11 @@ class TcpLeg(asyncio.BufferedProtocol):
     def abort(self) -> None:
         if self.transport is not None:
             self.transport.abort()
+
+    def finished(self, error: str | None) -> None:
+        callback, self.on_done = self.on_done, None
+        if callback is not None:
+            callback(self, error)
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,6 +221,7 @@ class HboneConnection(TlsReceiver):
                 if leg is None:
                     session.acknowledge(event.stream_id, size)
                     continue
+                leg.bytes_out += size
                 transport = leg.transport
                 if transport is not None and leg.relaying:
                     transport.write(event.data)
@@ -236,10 +253,16 @@ class HboneConnection(TlsReceiver):
                 future = self.responses.pop(event.stream_id, None)
                 if future is not None and not future.done():
                     future.set_result(event.status)
-                if event.status != 200:
-                    leg = self.legs.get(event.stream_id)
-                    if leg is not None:
-                        self.drop_leg(leg)
+                leg = self.legs.get(event.stream_id)
+                if leg is not None:
+                    said = b""
+                    if leg.reply is not None and leg.transport is not None:
+                        said = leg.reply(event.status)
+                        leg.reply = None
+                        leg.transport.write(said)
+                    if event.status != 200:
+                        app = "close" if said else "abort"
+                        self._release(leg, reset=True, app=app, error=f"HBONE {event.status}")
             elif isinstance(event, StreamReset):
                 self._stream_gone(event.stream_id)
             elif isinstance(event, SettingsReceived):
@@ -261,12 +284,11 @@ class HboneConnection(TlsReceiver):
         future = self.responses.pop(stream_id, None)
         if future is not None and not future.done():
             future.set_result(0)
-        leg = self.legs.pop(stream_id, None)
+        leg = self.legs.get(stream_id)
         if leg is not None:
-            leg.conn = None
-            self._starved.discard(leg)
-            leg.abort()
-        self._stream_closed()
+            self._release(leg, reset=False, app="abort", error="stream reset")
+        else:
+            self._stream_closed()
 
     def _stream_closed(self) -> None:
         if self.on_stream_closed is not None:
@@ -278,6 +300,7 @@ class HboneConnection(TlsReceiver):
     # ------------------------------------------------------------- leg side events
 
     def leg_data(self, leg: TcpLeg, nbytes: int) -> None:
+        leg.bytes_in += nbytes
         session = self.session
         if not session.send_data_inplace(leg.stream_id, receive_buffer().view, nbytes):
             leg.pause_reading()
@@ -297,34 +320,39 @@ class HboneConnection(TlsReceiver):
         self.flush()
 
     def leg_lost(self, leg: TcpLeg, exc: Exception | None) -> None:
-        if self.legs.pop(leg.stream_id, None) is None:
-            return
-        self._starved.discard(leg)
-        leg.conn = None
-        if not (leg.local_ended and leg.remote_ended) or exc is not None:
-            if self.session.has_stream(leg.stream_id):
-                self.session.reset_stream(leg.stream_id, ErrorCode.CANCEL)
-            self.flush()
-        self._stream_closed()
+        clean = leg.local_ended and leg.remote_ended and exc is None
+        error = None if clean else (str(exc) if exc else "app closed the connection early")
+        self._release(leg, reset=not clean, app="none", error=error)
 
     def _maybe_finish(self, leg: TcpLeg) -> None:
         if leg.local_ended and leg.remote_ended:
-            self.legs.pop(leg.stream_id, None)
-            leg.conn = None
-            if leg.transport is not None:
-                leg.transport.close()
-            self._stream_closed()
+            self._release(leg, reset=False, app="close", error=None)
 
-    def drop_leg(self, leg: TcpLeg) -> None:
-        """The tunnel failed: reset its stream and abort the app's connection."""
-        if self.legs.pop(leg.stream_id, None) is None:
+    def drop_leg(self, leg: TcpLeg, error: str = "tunnel failed") -> None:
+        """The tunnel failed or is no longer allowed: reset its stream, abort the app side."""
+        self._release(leg, reset=True, app="abort", error=error)
+
+    def refuse(self, leg: TcpLeg, status: int, error: str) -> None:
+        """Server side: answer the CONNECT with `status` instead of a tunnel."""
+        self.session.respond(leg.stream_id, status)
+        self.flush()
+        self._release(leg, reset=False, app="abort", error=error)
+
+    def _release(self, leg: TcpLeg, *, reset: bool, app: str, error: str | None) -> None:
+        """The one way a leg leaves this connection: stream, app side, then `leg.finished`."""
+        if self.legs.get(leg.stream_id) is not leg:
             return
+        del self.legs[leg.stream_id]
         leg.conn = None
         self._starved.discard(leg)
-        if self.session.has_stream(leg.stream_id):
+        if reset and self.session.has_stream(leg.stream_id):
             self.session.reset_stream(leg.stream_id, ErrorCode.CANCEL)
             self.flush()
-        leg.abort()
+        if app == "abort":
+            leg.abort()
+        elif app == "close" and leg.transport is not None:
+            leg.transport.close()
+        leg.finished(error)
         self._stream_closed()
 
     def attach(self, leg: TcpLeg, stream_id: int) -> None:
@@ -336,12 +364,7 @@ class HboneConnection(TlsReceiver):
     def start_relay(self, leg: TcpLeg) -> None:
         """The tunnel is established: deliver early bytes and let the app's bytes flow."""
         if leg.transport is None:
-            # The app went away while the tunnel was being set up.
-            self.legs.pop(leg.stream_id, None)
-            leg.conn = None
-            self.session.reset_stream(leg.stream_id, ErrorCode.CANCEL)
-            self.flush()
-            self._stream_closed()
+            self._release(leg, reset=True, app="none", error="app left before the tunnel was up")
             return
         leg.relaying = True
         early, leg.early = leg.early or (), None
@@ -354,6 +377,7 @@ class HboneConnection(TlsReceiver):
                 transport.write_eof()
         blocked = False
         for chunk in held:
+            leg.bytes_in += len(chunk)
             blocked = not self.session.send_data(leg.stream_id, chunk) or blocked
         if leg.local_ended:
             self.session.end_stream(leg.stream_id)
@@ -415,6 +439,7 @@ class HboneConnection(TlsReceiver):
         for leg in legs.values():
             leg.conn = None
             leg.abort()
+            leg.finished("HBONE connection closed")
         if not self.settings_received.done():
             self.settings_received.set_result(None)
         if self.on_closed is not None:

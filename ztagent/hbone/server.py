@@ -52,6 +52,9 @@ class Allow:
     address: tuple[str, int]
     mark: int | None = None
     source_ip: str | None = None
+    # Called with the tunnel's app leg as soon as it exists (before connecting), so the
+    # owner can set `leg.on_done` and keep track of the tunnel.
+    on_leg: Callable[[TcpLeg], None] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,6 +214,8 @@ class HboneServer:
             return
         leg = TcpLeg()
         conn.attach(leg, sid)
+        if decision.on_leg is not None:
+            decision.on_leg(leg)
         self._spawn(self._connect(conn, leg, decision))
 
     async def _connect(self, conn: HboneConnection, leg: TcpLeg, allow: Allow) -> None:
@@ -223,10 +228,7 @@ class HboneServer:
             else:
                 log.exception("HBONE upstream %s:%s failed", *allow.address)
             if leg.conn is conn:
-                conn.legs.pop(leg.stream_id, None)
-                leg.conn = None
-                conn.session.respond(leg.stream_id, 503)
-                conn.flush()
+                conn.refuse(leg, 503, f"upstream connect failed: {_reason(exc)}")
             return
         if leg.conn is not conn or conn.closed:
             leg.abort()
@@ -236,6 +238,15 @@ class HboneServer:
         conn.flush()
 
     # ------------------------------------------------------------------- shutdown
+
+    def unlisten(self, host: str, port: int) -> None:
+        """Stop listening on one address (a local workload left); its tunnels go on."""
+        for sock in list(self._listeners):
+            if sock.getsockname()[:2] == (host, port):
+                if self._loop is not None:
+                    self._loop.remove_reader(sock.fileno())
+                sock.close()
+                self._listeners.remove(sock)
 
     def stop_listening(self) -> None:
         for sock in self._listeners:

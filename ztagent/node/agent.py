@@ -1,0 +1,818 @@
+"""The node agent: the workload model, certificates, listeners, policy and telemetry, wired.
+
+This module owns the wiring and the asyncio lifecycle. Decisions live elsewhere and are pure:
+routing in `routing.py`, authorization in `ztagent.rbac`, the HTTP/2 tunnel in
+`ztagent.hbone`, metrics and logs in `ztagent.telemetry`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import signal
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, cast
+
+from ztagent.errors import LocalError, ZtagentError
+from ztagent.hbone.client import HboneClient, Tunnel, TunnelRefused
+from ztagent.hbone.connection import TcpLeg
+from ztagent.hbone.frames import format_authority
+from ztagent.hbone.server import Allow, Deny, HboneServer, InboundRequest
+from ztagent.hbone.tls import TlsConfig
+from ztagent.identity.ca import CertificateAuthority
+from ztagent.identity.certs import WorkloadCertificate
+from ztagent.identity.manager import CertificateManager
+from ztagent.identity.spiffe import Identity
+from ztagent.model.store import ProxyState, StateChange
+from ztagent.model.watch import ConfigWatcher
+from ztagent.model.workload import Service, Workload
+from ztagent.node.dump import CertificateStatus, config_dump
+from ztagent.node.routing import RoundRobin, Route, RouteKind, route_outbound
+from ztagent.node.settings import WORKLOADS, NodeSettings
+from ztagent.proxy.relay import PlainRelay
+from ztagent.proxy.socks5 import ConnectRequested, Failed, NeedMore, Reply, Socks5Handshake
+from ztagent.rbac import ConnectionAttributes, Verdict, evaluate
+from ztagent.telemetry.accesslog import AccessLog, ConnectionRecord
+from ztagent.telemetry.admin import (
+    Readiness,
+    build_admin_server,
+    build_metrics_server,
+    build_readiness_server,
+)
+from ztagent.telemetry.http import HttpServer
+from ztagent.telemetry.metrics import ConnectionLabels, Metrics, ResponseFlags, SecurityPolicy
+
+log = logging.getLogger(__name__)
+
+HBONE_PORT = 15008
+PLAINTEXT_PORT = 15006
+
+# What SOCKS5 says for each way an outbound connection can fail.
+_SOCKS_FOR_STATUS = {401: Reply.NOT_ALLOWED, 400: Reply.NOT_ALLOWED, 503: Reply.CONNECTION_REFUSED}
+
+ReplyFn = Callable[[int, tuple[str, int] | None], bytes]
+
+
+@dataclass
+class _Inbound:
+    """An open inbound connection, kept so a policy change can re-check it."""
+
+    attributes: ConnectionAttributes
+    workload_uid: str
+    close: Callable[[str], None]
+
+
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    return ipaddress.ip_address(text)
+
+
+def _forwarded_for(request: InboundRequest) -> str | None:
+    """The client address in `forwarded: for="ip:port"`, as ztunnel sends it."""
+    value = request.header("forwarded")
+    if not value:
+        return None
+    for part in value.split(";"):
+        key, _, item = part.strip().partition("=")
+        if key.lower() == "for":
+            item = item.strip('"')
+            host = item.rpartition(":")[0] if item.count(":") == 1 or "]" in item else item
+            return host.strip("[]") or None
+    return None
+
+
+class NodeAgent:
+    def __init__(self, settings: NodeSettings) -> None:
+        self.settings = settings
+        self.state = ProxyState(settings.node_name, root_namespace=settings.root_namespace)
+        self.metrics = Metrics()
+        self.access_log = AccessLog()
+        self.readiness = Readiness("config", "certificates")
+        self.ca = CertificateAuthority.load_or_create(settings.ca_dir, settings.trust_domain)
+        self.certs = CertificateManager(self._issue)
+        self.hbone = HboneServer(self._tls_for_address, self._decide_inbound)
+        self.watcher = ConfigWatcher(
+            settings.local_xds_path,
+            self.state,
+            self._on_config_change,
+            trust_domain=settings.trust_domain,
+        )
+        self._pick = RoundRobin()
+        self._tls: dict[Identity, TlsConfig] = {}
+        self._clients: dict[Identity, HboneClient] = {}
+        self._inbound: dict[object, _Inbound] = {}
+        self._cert_errors: dict[Identity, str] = {}
+        self._bound_workloads: set[str] = set()
+        self._plain_servers: dict[str, asyncio.AbstractServer] = {}
+        self._servers: list[asyncio.AbstractServer] = []
+        self._http: list[HttpServer] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._stop = asyncio.Event()
+        self._certs_task: asyncio.Task[None] | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def run(self) -> int:
+        s = self.settings
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        self._http = [
+            build_admin_server(self.dump, self._stop.set),
+            build_metrics_server(self.metrics.render),
+            build_readiness_server(self.readiness.ready, self.readiness.reason),
+        ]
+        for server, address in zip(
+            self._http, (s.admin_addr, s.metrics_addr, s.readiness_addr), strict=True
+        ):
+            try:
+                await server.start(*address)
+            except OSError as exc:
+                where = format_authority(*address)
+                raise LocalError(f"cannot listen on {where}: {exc.strerror or exc}") from None
+        self.certs.start()
+        await self.watcher.check()  # the first load, before the listeners open
+        self._spawn(self.watcher.run())
+        await self._listen()
+        log.info(
+            "node agent %s started: config %s, trust domain %s",
+            s.node_name or "(no name)",
+            s.local_xds_path,
+            s.trust_domain,
+        )
+        await self._stop.wait()
+        await self._drain()
+        return 0
+
+    async def _listen(self) -> None:
+        s = self.settings
+        loop = asyncio.get_running_loop()
+        if isinstance(s.inbound_addr, tuple):
+            await self.hbone.listen(*s.inbound_addr, transparent=True)
+        if isinstance(s.inbound_plaintext_addr, tuple):
+            self._servers.append(
+                await loop.create_server(
+                    self._plain_inbound_protocol,
+                    sock=_listener(s.inbound_plaintext_addr, transparent=True),
+                )
+            )
+        if isinstance(s.outbound_addr, tuple):
+            self._servers.append(
+                await loop.create_server(
+                    lambda: _Captured(self), sock=_listener(s.outbound_addr, transparent=True)
+                )
+            )
+        if isinstance(s.socks5_addr, tuple):
+            self._servers.append(
+                await loop.create_server(
+                    lambda: _Socks5(self), sock=_listener(s.socks5_addr, transparent=False)
+                )
+            )
+        await self._bind_workloads()
+
+    async def _drain(self) -> None:
+        log.info("draining: no new connections, %ss for open ones", self.settings.drain_timeout)
+        for server in self._servers + list(self._plain_servers.values()):
+            server.close()
+        await self.hbone.drain(timeout=self.settings.drain_timeout)
+        deadline = time.monotonic() + self.settings.drain_timeout
+        while self._inbound and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for client in self._clients.values():
+            client.close()
+        for task in self._tasks:
+            task.cancel()
+        await self.certs.stop()
+        for http in self._http:
+            await http.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("connection handling failed", exc_info=task.exception())
+
+    # ------------------------------------------------------------ configuration
+
+    def _on_config_change(self, change: StateChange) -> None:
+        self.readiness.done("config")
+        self.metrics.set_config_version(self.state.version)
+        for identity in change.local_identities_added:
+            self.certs.prefetch(identity)
+        for identity in change.local_identities_removed:
+            self.certs.release(identity)
+            self.metrics.drop_cert(str(identity))
+            self._tls.pop(identity, None)
+            client = self._clients.pop(identity, None)
+            if client is not None:
+                client.close()
+        for uid in change.workloads.removed:
+            namespace, _, name = uid.partition("/")
+            self.metrics.forget_workload(namespace, name)
+        if self._certs_task is None or self._certs_task.done():
+            self._certs_task = asyncio.get_running_loop().create_task(self._await_certs())
+        if change.policy_relevant or change.workloads:
+            self._recheck_inbound()
+        self._spawn(self._bind_workloads())
+
+    async def _await_certs(self) -> None:
+        identities = self.state.local_identities()
+        results = await asyncio.gather(
+            *(self.certs.get(i) for i in identities), return_exceptions=True
+        )
+        failed = [i for i, r in zip(identities, results, strict=True) if isinstance(r, Exception)]
+        if failed:
+            self.readiness.pending("certificates")
+        else:
+            self.readiness.done("certificates")
+
+    async def _issue(self, identity: Identity) -> WorkloadCertificate:
+        try:
+            cert = self.ca.issue(identity, self.settings.secret_ttl)
+        except ZtagentError as exc:
+            self._cert_errors[identity] = str(exc)
+            raise
+        self._cert_errors.pop(identity, None)
+        self.metrics.set_cert_expiry(str(identity), cert.not_after.timestamp())
+        return cert
+
+    async def _bind_workloads(self) -> None:
+        """In `workloads` mode, listen on each local workload IP (and stop for those gone)."""
+        s = self.settings
+        wanted = {str(ip) for w in self.state.local_workloads() for ip in w.addresses}
+        loop = asyncio.get_running_loop()
+        for ip in sorted(wanted - self._bound_workloads):
+            try:
+                if s.inbound_addr == WORKLOADS:
+                    await self.hbone.listen(ip, HBONE_PORT)
+                if s.inbound_plaintext_addr == WORKLOADS:
+                    self._plain_servers[ip] = await loop.create_server(
+                        self._plain_inbound_protocol, sock=_listener((ip, PLAINTEXT_PORT), False)
+                    )
+            except (LocalError, OSError) as exc:
+                log.error("cannot listen for workload %s: %s", ip, exc)
+                continue
+            self._bound_workloads.add(ip)
+        for ip in sorted(self._bound_workloads - wanted):
+            self.hbone.unlisten(ip, HBONE_PORT)
+            server = self._plain_servers.pop(ip, None)
+            if server is not None:
+                server.close()
+            self._bound_workloads.discard(ip)
+
+    # ------------------------------------------------------------- certificates
+
+    def _tls_config(self, identity: Identity) -> TlsConfig | None:
+        cert = self.certs.get_cached(identity)
+        if cert is None:
+            return None
+        tls = self._tls.get(identity)
+        if tls is None or tls.certificate is not cert:
+            tls = self._tls[identity] = TlsConfig(cert)
+        return tls
+
+    def _tls_for_address(self, address: tuple[str, int]) -> TlsConfig | None:
+        workload = self.state.local_workload_by_ip(_ip(address[0]))
+        return None if workload is None else self._tls_config(workload.identity)
+
+    async def _client_for(self, identity: Identity) -> HboneClient:
+        await self.certs.get(identity)
+        tls = self._tls_config(identity)
+        if tls is None:
+            raise LocalError(f"no certificate for {identity}")
+        client = self._clients.get(identity)
+        if client is None or client.tls is not tls:
+            # A rotated certificate: new tunnels use it; the old pool's connections drain.
+            if client is not None:
+                for conn in client.pool.connections():
+                    conn.drain()
+            client = self._clients[identity] = HboneClient(tls)
+        return client
+
+    # ------------------------------------------------------------------ labels
+
+    def _labels(
+        self,
+        reporter: str,
+        source: Workload | None,
+        source_identity: Identity | None,
+        destination: Workload | None,
+        service: Service | None,
+        mtls: bool,
+        flags: str = ResponseFlags.NONE,
+    ) -> ConnectionLabels:
+        cluster = self.settings.cluster_id
+
+        def side(w: Workload | None, identity: Identity | None) -> dict[str, str]:
+            if w is None:
+                return {"principal": str(identity) if identity else ""}
+            name = w.workload_name or w.name
+            return {
+                "workload": name,
+                "workload_namespace": w.namespace,
+                "principal": str(identity or w.identity),
+                "app": w.canonical_name or name,
+                "canonical_service": w.canonical_name or name,
+                "version": w.canonical_revision or "latest",
+                "canonical_revision": w.canonical_revision or "latest",
+                "cluster": w.cluster_id or cluster,
+            }
+
+        values: dict[str, str] = {"reporter": reporter, "response_flags": flags}
+        values.update({f"source_{k}": v for k, v in side(source, source_identity).items()})
+        dest_identity = destination.identity if destination is not None else None
+        values.update({f"destination_{k}": v for k, v in side(destination, dest_identity).items()})
+        if service is not None:
+            values["destination_service"] = service.hostname
+            values["destination_service_name"] = service.name
+            values["destination_service_namespace"] = service.namespace
+        values["connection_security_policy"] = (
+            SecurityPolicy.MUTUAL_TLS if mtls else SecurityPolicy.UNKNOWN
+        )
+        return ConnectionLabels(**values)
+
+    def _refused(self, labels: ConnectionLabels, record: ConnectionRecord) -> None:
+        self.metrics.opened(labels)
+        self.metrics.failed(labels)
+        self.metrics.closed(labels)
+        self.access_log.record(record)
+
+    # ---------------------------------------------------------------- inbound
+
+    def _authorize(self, workload: Workload, attributes: ConnectionAttributes) -> Verdict:
+        verdict = evaluate(attributes, self.state.policies_for(workload))
+        for name in verdict.dry_run_matches:
+            log.info("dry-run policy %s matched %s", name, attributes)
+        return verdict
+
+    def _decide_inbound(self, request: InboundRequest) -> Allow | Deny:
+        ip, port = request.target
+        if ip != request.local_address[0]:
+            return Deny(400, f"authority {request.authority} is not this connection's destination")
+        workload = self.state.local_workload_by_ip(_ip(ip))
+        if workload is None:
+            return Deny(503, f"no local workload with address {ip}")
+        source_ip = _forwarded_for(request) or request.peer_address[0]
+        attributes = ConnectionAttributes(request.peer_identity, _ip(source_ip), _ip(ip), port)
+        source = self.state.workload_by_address(workload.network, _ip(source_ip))
+        verdict = self._authorize(workload, attributes)
+        record = ConnectionRecord(
+            src_addr=source_ip,
+            dst_addr=format_authority(ip, port),
+            direction="inbound",
+            src_workload=source.name if source else None,
+            src_namespace=source.namespace if source else None,
+            src_identity=str(request.peer_identity),
+            dst_hbone_addr=format_authority(*request.local_address),
+            dst_workload=workload.name,
+            dst_namespace=workload.namespace,
+            dst_identity=str(workload.identity),
+        )
+        if not verdict.allowed:
+            labels = self._labels(
+                "destination",
+                source,
+                request.peer_identity,
+                workload,
+                None,
+                True,
+                ResponseFlags.DENY,
+            )
+            self._refused(labels, _with_error(record, f"RBAC: {verdict.reason}"))
+            return Deny(401, verdict.reason)
+        labels = self._labels("destination", source, request.peer_identity, workload, None, True)
+
+        def on_leg(leg: TcpLeg) -> None:
+            started = time.monotonic()
+            self.metrics.opened(labels)
+
+            def close(reason: str) -> None:
+                if leg.conn is not None:
+                    leg.conn.drop_leg(leg, reason)
+
+            self._inbound[leg] = _Inbound(attributes, workload.uid, close)
+
+            def done(leg: TcpLeg, error: str | None) -> None:
+                self._inbound.pop(leg, None)
+                self.metrics.received(labels, leg.bytes_out)
+                self.metrics.sent(labels, leg.bytes_in)
+                if error and error.startswith("upstream connect failed"):
+                    self.metrics.failed(labels.with_response_flags(ResponseFlags.CONNECT))
+                self.metrics.closed(labels)
+                self.access_log.record(_finish(record, leg.bytes_in, leg.bytes_out, started, error))
+
+            leg.on_done = done
+
+        return Allow((ip, port), on_leg=on_leg)
+
+    def _plain_inbound_protocol(self) -> asyncio.Protocol:
+        return _PlainInbound(self)
+
+    async def inbound_plain(
+        self, transport: asyncio.Transport, peer: tuple[str, int], local: tuple[str, int]
+    ) -> None:
+        ip, port = local
+        workload = self.state.local_workload_by_ip(_ip(ip))
+        if workload is None:
+            transport.abort()
+            return
+        if port == PLAINTEXT_PORT:
+            # Not captured (a listener bound on the workload IP): no original destination
+            # port, so use the workload's first service target port.
+            targets = [t for ports in workload.services.values() for t in ports.values() if t]
+            if not targets:
+                transport.abort()
+                return
+            port = targets[0]
+        attributes = ConnectionAttributes(None, _ip(peer[0]), _ip(ip), port)
+        source = self.state.workload_by_address(workload.network, _ip(peer[0]))
+        record = ConnectionRecord(
+            src_addr=format_authority(*peer),
+            dst_addr=format_authority(ip, port),
+            direction="inbound",
+            src_workload=source.name if source else None,
+            src_namespace=source.namespace if source else None,
+            dst_workload=workload.name,
+            dst_namespace=workload.namespace,
+            dst_identity=str(workload.identity),
+        )
+        verdict = self._authorize(workload, attributes)
+        if not verdict.allowed:
+            labels = self._labels(
+                "destination", source, None, workload, None, False, ResponseFlags.DENY
+            )
+            self._refused(labels, _with_error(record, f"RBAC: {verdict.reason}"))
+            transport.abort()
+            return
+        labels = self._labels("destination", source, None, workload, None, False)
+        await self._relay_plain(
+            transport, (ip, port), labels, record, inbound=attributes, workload=workload
+        )
+
+    async def _relay_plain(
+        self,
+        transport: asyncio.Transport,
+        address: tuple[str, int],
+        labels: ConnectionLabels,
+        record: ConnectionRecord,
+        *,
+        inbound: ConnectionAttributes | None = None,
+        workload: Workload | None = None,
+        early: bytes = b"",
+        reply: ReplyFn | None = None,
+    ) -> None:
+        started = time.monotonic()
+        key = object()
+
+        def done(relay: PlainRelay, error: str | None) -> None:
+            self._inbound.pop(key, None)
+            self.metrics.received(labels, relay.bytes_from_client)
+            self.metrics.sent(labels, relay.bytes_to_client)
+            self.metrics.closed(labels)
+            self.access_log.record(
+                _finish(record, relay.bytes_from_client, relay.bytes_to_client, started, error)
+            )
+
+        relay = PlainRelay(done)
+        self.metrics.opened(labels)
+        if inbound is not None and workload is not None:
+            self._inbound[key] = _Inbound(inbound, workload.uid, relay.abort)
+        try:
+            await relay.connect(
+                transport,
+                address,
+                early=early,
+                reply=reply(Reply.SUCCEEDED, None) if reply else b"",
+            )
+        except (OSError, TimeoutError) as exc:
+            self._inbound.pop(key, None)
+            self.metrics.failed(labels.with_response_flags(ResponseFlags.CONNECT))
+            self.metrics.closed(labels)
+            self.access_log.record(_with_error(record, f"connect failed: {exc}"))
+            if reply is not None:
+                transport.write(reply(Reply.CONNECTION_REFUSED, None))
+                transport.close()
+            else:
+                transport.abort()
+
+    def _recheck_inbound(self) -> None:
+        """Close open inbound connections that the current policies no longer allow."""
+        for key, entry in list(self._inbound.items()):
+            workload = self.state.workload(entry.workload_uid)
+            if workload is None:
+                entry.close("its workload left")
+                continue
+            verdict = evaluate(entry.attributes, self.state.policies_for(workload))
+            if not verdict.allowed:
+                log.info("closing %s: %s", entry.attributes, verdict.reason)
+                self._inbound.pop(key, None)
+                entry.close(f"policy changed: {verdict.reason}")
+
+    # --------------------------------------------------------------- outbound
+
+    async def outbound(
+        self,
+        transport: asyncio.Transport,
+        client: tuple[str, int],
+        destination: tuple[str, int],
+        *,
+        early: bytes = b"",
+        reply: ReplyFn | None = None,
+    ) -> None:
+        """One outbound connection (captured, or asked for through SOCKS5)."""
+
+        def refuse(code: int, why: str) -> None:
+            log.info("outbound %s -> %s refused: %s", client, destination, why)
+            if reply is not None:
+                transport.write(reply(code, None))
+                transport.close()
+            else:
+                transport.abort()
+
+        source = self.state.local_workload_by_ip(_ip(client[0]))
+        if source is None:
+            refuse(Reply.NOT_ALLOWED, f"{client[0]} is not a local workload")
+            return
+        route = route_outbound(
+            self.state,
+            source,
+            destination,
+            pick=self._pick,
+            deny_unknown=self.settings.deny_unknown,
+        )
+        record = ConnectionRecord(
+            src_addr=format_authority(*client),
+            dst_addr=format_authority(*route.address),
+            direction="outbound",
+            src_workload=source.name,
+            src_namespace=source.namespace,
+            src_identity=str(source.identity),
+            dst_service=route.service.hostname if route.service else None,
+            dst_workload=route.workload.name if route.workload else None,
+            dst_namespace=route.workload.namespace if route.workload else None,
+            dst_identity=str(route.workload.identity) if route.workload else None,
+        )
+        mtls = route.kind is RouteKind.HBONE
+        labels = self._labels(
+            "source", source, source.identity, route.workload, route.service, mtls
+        )
+        if route.kind is RouteKind.DENY:
+            self._refused(
+                labels.with_response_flags(ResponseFlags.DENY), _with_error(record, route.reason)
+            )
+            refuse(Reply.NOT_ALLOWED, route.reason)
+            return
+        if route.kind is RouteKind.LOCAL:
+            assert route.workload is not None
+            attributes = ConnectionAttributes(
+                source.identity, _ip(client[0]), _ip(route.address[0]), route.address[1]
+            )
+            verdict = self._authorize(route.workload, attributes)
+            if not verdict.allowed:
+                self._refused(
+                    labels.with_response_flags(ResponseFlags.DENY),
+                    _with_error(record, f"RBAC: {verdict.reason}"),
+                )
+                refuse(Reply.NOT_ALLOWED, verdict.reason)
+                return
+            await self._relay_plain(
+                transport,
+                route.address,
+                labels,
+                record,
+                inbound=attributes,
+                workload=route.workload,
+                early=early,
+                reply=reply,
+            )
+            return
+        if route.kind is RouteKind.PASSTHROUGH:
+            await self._relay_plain(
+                transport, route.address, labels, record, early=early, reply=reply
+            )
+            return
+        await self._tunnel(transport, client, source, route, labels, record, early, reply)
+
+    async def _tunnel(
+        self,
+        transport: asyncio.Transport,
+        client: tuple[str, int],
+        source: Workload,
+        route: Route,
+        labels: ConnectionLabels,
+        record: ConnectionRecord,
+        early: bytes,
+        reply: ReplyFn | None,
+    ) -> None:
+        started = time.monotonic()
+        record = _replace(record, dst_hbone_addr=format_authority(*route.hbone_address))
+        leg = TcpLeg()
+        if early:
+            leg.held = [early]
+        if reply is not None:
+            leg.reply = lambda status: reply(_socks_code(status), None)
+        transport.set_protocol(leg)
+        leg.connection_made(transport)
+        tunnel = Tunnel(
+            via=route.hbone_address,
+            target=route.address,
+            expected_identities=route.expected_identities(),
+            source=client,
+            host=route.service.hostname if route.service else None,
+            baggage=_baggage(source, self.settings.cluster_id),
+        )
+        self.metrics.opened(labels)
+
+        def done(leg: TcpLeg, error: str | None) -> None:
+            self.metrics.sent(labels, leg.bytes_in)
+            self.metrics.received(labels, leg.bytes_out)
+            self.metrics.closed(labels)
+            self.access_log.record(_finish(record, leg.bytes_in, leg.bytes_out, started, error))
+
+        try:
+            hbone = await self._client_for(source.identity)
+            leg.on_done = done
+            await hbone.open(leg, tunnel)
+        except TunnelRefused as exc:
+            flags = ResponseFlags.DENY if exc.code == 401 else ResponseFlags.CONNECT
+            self.metrics.failed(labels.with_response_flags(flags))
+        except ZtagentError as exc:
+            self.metrics.failed(labels.with_response_flags(ResponseFlags.CONNECT))
+            if leg.on_done is None:  # never reached the tunnel: report it here
+                done(leg, str(exc))
+            if reply is not None and leg.transport is not None:
+                leg.transport.write(reply(Reply.HOST_UNREACHABLE, None))
+                leg.transport.close()
+            else:
+                leg.abort()
+
+    # ------------------------------------------------------------------ admin
+
+    def dump(self) -> Any:
+        statuses = []
+        for identity in sorted(self.state.local_identities(), key=str):
+            cert = self.certs.get_cached(identity)
+            error = self._cert_errors.get(identity)
+            state = "available" if cert else ("failed" if error else "pending")
+            statuses.append(CertificateStatus(identity, state, cert, error))
+        return config_dump(
+            self.state,
+            statuses,
+            config_source=self.settings.local_xds_path,
+            node=self.settings.node_name,
+        )
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _socks_code(status: int) -> int:
+    """The SOCKS5 reply for an HBONE CONNECT status."""
+    if status == 200:
+        return Reply.SUCCEEDED
+    return _SOCKS_FOR_STATUS.get(status, Reply.GENERAL_FAILURE)
+
+
+def _listener(address: tuple[str, int], transparent: bool) -> socket.socket:
+    family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if transparent:
+            with contextlib.suppress(PermissionError):
+                sock.setsockopt(socket.SOL_IP, socket.IP_TRANSPARENT, 1)
+        sock.bind(address)
+        sock.listen(1024)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise LocalError(f"cannot listen on {format_authority(*address)}: {exc.strerror}") from None
+    return sock
+
+
+def _baggage(workload: Workload, cluster: str) -> dict[str, str]:
+    kind = (workload.workload_type or "deployment").lower()
+    return {
+        "k8s.cluster.name": workload.cluster_id or cluster,
+        "k8s.namespace.name": workload.namespace,
+        f"k8s.{kind}.name": workload.workload_name or workload.name,
+        "service.name": workload.canonical_name or workload.name,
+        "service.version": workload.canonical_revision or "latest",
+    }
+
+
+def _replace(record: ConnectionRecord, **changes: Any) -> ConnectionRecord:
+    import dataclasses
+
+    return dataclasses.replace(record, **changes)
+
+
+def _with_error(record: ConnectionRecord, error: str) -> ConnectionRecord:
+    return _replace(record, error=error)
+
+
+def _finish(
+    record: ConnectionRecord, sent: int, received: int, started: float, error: str | None
+) -> ConnectionRecord:
+    # The access log counts from the local workload's side: outbound sends what the client
+    # wrote; inbound, the local workload (the server) sends what its app wrote back.
+    if record.direction == "inbound":
+        sent, received = received, sent
+    return _replace(
+        record,
+        bytes_sent=sent,
+        bytes_recv=received,
+        duration=time.monotonic() - started,
+        error=error,
+    )
+
+
+class _Socks5(asyncio.Protocol):
+    """The SOCKS5 handshake; then the connection is the agent's, as if it had been captured."""
+
+    def __init__(self, agent: NodeAgent) -> None:
+        self.agent = agent
+        self.handshake = Socks5Handshake()
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is None or self.handshake.done:
+            return
+        event = self.handshake.receive_data(data)
+        out = self.handshake.data_to_send()
+        if out:
+            transport.write(out)
+        if isinstance(event, NeedMore):
+            return
+        if isinstance(event, Failed):
+            if event.reply:
+                transport.write(event.reply)
+            transport.close()
+            return
+        assert isinstance(event, ConnectRequested)
+        transport.pause_reading()
+        host = event.host
+        try:
+            _ip(host)
+        except ValueError:
+            service = self.agent.state.service_by_hostname(host)
+            if service is None or not service.addresses:
+                transport.write(self.handshake.reply(Reply.HOST_UNREACHABLE))
+                transport.close()
+                return
+            host = str(service.addresses[0].address)
+        peer = transport.get_extra_info("peername")
+        self.agent._spawn(
+            self.agent.outbound(
+                transport,
+                (peer[0], peer[1]),
+                (host, event.port),
+                early=event.early_data,
+                reply=self.handshake.reply,
+            )
+        )
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+
+
+class _Captured(asyncio.Protocol):
+    """A connection the capture steered to the outbound listener: its local address is the
+    original destination."""
+
+    def __init__(self, agent: NodeAgent) -> None:
+        self.agent = agent
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        t = cast(asyncio.Transport, transport)
+        t.pause_reading()
+        local = t.get_extra_info("sockname")
+        peer = t.get_extra_info("peername")
+        self.agent._spawn(self.agent.outbound(t, (peer[0], peer[1]), (local[0], local[1])))
+
+
+class _PlainInbound(asyncio.Protocol):
+    def __init__(self, agent: NodeAgent) -> None:
+        self.agent = agent
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        t = cast(asyncio.Transport, transport)
+        t.pause_reading()
+        local = t.get_extra_info("sockname")
+        peer = t.get_extra_info("peername")
+        self.agent._spawn(self.agent.inbound_plain(t, (peer[0], peer[1]), (local[0], local[1])))

@@ -1,0 +1,172 @@
+"""The node agent's settings: one dataclass, read from flags and the environment in one place,
+with ztunnel's variable names where one exists (flag wins over environment)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from ztagent.errors import LocalError
+from ztagent.hbone.frames import parse_authority
+from ztagent.identity.command import parse_duration
+
+WORKLOADS = "workloads"  # bind on every local workload IP (loopback labs, tests)
+OFF = "off"
+
+Bind = tuple[str, int] | str  # an address, WORKLOADS or OFF
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    local_xds_path: str
+    node_name: str
+    trust_domain: str = "cluster.local"
+    cluster_id: str = "Kubernetes"
+    secret_ttl: timedelta = timedelta(hours=24)
+    log_format: str = "text"
+    ca_dir: str = "/var/run/ztagent/ca"
+    root_namespace: str = "istio-system"
+    outbound_addr: Bind = ("0.0.0.0", 15001)
+    inbound_addr: Bind = ("0.0.0.0", 15008)
+    inbound_plaintext_addr: Bind = ("0.0.0.0", 15006)
+    socks5_addr: Bind = ("127.0.0.1", 15080)
+    admin_addr: tuple[str, int] = ("127.0.0.1", 15000)
+    metrics_addr: tuple[str, int] = ("0.0.0.0", 15020)
+    readiness_addr: tuple[str, int] = ("0.0.0.0", 15021)
+    deny_unknown: bool = False
+    drain_timeout: float = 5.0
+
+
+# (flag, environment variable or None, default, help)
+_FLAGS: list[tuple[str, str | None, str, str]] = [
+    (
+        "--local-xds-path",
+        "LOCAL_XDS_PATH",
+        "",
+        "ztunnel local-config YAML with workloads, services and policies; watched for changes",
+    ),
+    ("--node-name", "NODE_NAME", "", "this node's name: workloads with this node are local"),
+    ("--trust-domain", "TRUST_DOMAIN", "cluster.local", "SPIFFE trust domain"),
+    ("--cluster-id", "CLUSTER_ID", "Kubernetes", "cluster name for metrics and baggage"),
+    ("--secret-ttl", "SECRET_TTL", "24h", "lifetime of workload certificates (e.g. 24h, 90m)"),
+    ("--log-format", "LOG_FORMAT", "text", "log format: text or json"),
+    ("--xds-address", "XDS_ADDRESS", "", "istiod-compatible xDS server (not supported yet)"),
+    ("--ca-address", "CA_ADDRESS", "", "istiod-compatible CA server (not supported yet)"),
+    (
+        "--ca-dir",
+        None,
+        "/var/run/ztagent/ca",
+        "embedded CA directory in istiod's cacerts layout (created when missing)",
+    ),
+    ("--root-namespace", None, "istio-system", "namespace whose policies apply mesh-wide"),
+    (
+        "--outbound-addr",
+        None,
+        "0.0.0.0:15001",
+        "transparent listener for captured outbound connections, or 'off'",
+    ),
+    (
+        "--inbound-addr",
+        None,
+        "0.0.0.0:15008",
+        "HBONE listener; 'workloads' binds port 15008 on every local workload IP",
+    ),
+    (
+        "--inbound-plaintext-addr",
+        None,
+        "0.0.0.0:15006",
+        "plaintext inbound listener; 'workloads' binds 15006 on every local workload IP; 'off'",
+    ),
+    (
+        "--socks5-addr",
+        None,
+        "127.0.0.1:15080",
+        "SOCKS5 listener for clients that are not captured, or 'off'",
+    ),
+    ("--admin-addr", None, "127.0.0.1:15000", "admin API: /config_dump, /logging, /quitquitquit"),
+    ("--metrics-addr", None, "0.0.0.0:15020", "Prometheus metrics: /metrics, /stats/prometheus"),
+    ("--readiness-addr", None, "0.0.0.0:15021", "readiness: /healthz/ready"),
+    (
+        "--unknown-destination",
+        None,
+        "passthrough",
+        "what to do with connections to addresses not in the mesh: passthrough or deny",
+    ),
+    ("--drain-timeout", None, "5", "seconds open connections may take to finish on shutdown"),
+]
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    for flag, env, default, text in _FLAGS:
+        where = f" [env {env}]" if env else ""
+        parser.add_argument(
+            flag, default=None, help=f"{text} (default: {default or 'none'}){where}"
+        )
+
+
+def _value(args: argparse.Namespace, flag: str) -> str:
+    for name, env, default, _ in _FLAGS:
+        if name == flag:
+            given = getattr(args, flag.lstrip("-").replace("-", "_"))
+            if given is not None:
+                return str(given)
+            if env and os.environ.get(env):
+                return os.environ[env]
+            return default
+    raise KeyError(flag)
+
+
+def _address(flag: str, text: str, special: tuple[str, ...] = ()) -> Any:
+    if text in special:
+        return text
+    try:
+        return parse_authority(text)
+    except ValueError as exc:
+        raise LocalError(f"{flag}: {exc}") from None
+
+
+def from_args(args: argparse.Namespace) -> NodeSettings:
+
+    def v(flag: str) -> str:
+        return _value(args, flag)
+
+    for flag in ("--xds-address", "--ca-address"):
+        if v(flag):
+            raise LocalError(
+                f"{flag} (or its environment variable) is not supported yet: "
+                "give the configuration with --local-xds-path / LOCAL_XDS_PATH"
+            )
+    if not v("--local-xds-path"):
+        raise LocalError("--local-xds-path (or LOCAL_XDS_PATH) is required")
+    if v("--log-format") not in ("text", "json"):
+        raise LocalError(f"--log-format must be text or json, not {v('--log-format')!r}")
+    if v("--unknown-destination") not in ("passthrough", "deny"):
+        raise LocalError("--unknown-destination must be passthrough or deny")
+    try:
+        drain = float(v("--drain-timeout"))
+    except ValueError:
+        raise LocalError(f"--drain-timeout: {v('--drain-timeout')!r} is not a number") from None
+    return NodeSettings(
+        local_xds_path=v("--local-xds-path"),
+        node_name=v("--node-name"),
+        trust_domain=v("--trust-domain"),
+        cluster_id=v("--cluster-id"),
+        secret_ttl=parse_duration(v("--secret-ttl")),
+        log_format=v("--log-format"),
+        ca_dir=v("--ca-dir"),
+        root_namespace=v("--root-namespace"),
+        outbound_addr=_address("--outbound-addr", v("--outbound-addr"), (OFF,)),
+        inbound_addr=_address("--inbound-addr", v("--inbound-addr"), (WORKLOADS,)),
+        inbound_plaintext_addr=_address(
+            "--inbound-plaintext-addr", v("--inbound-plaintext-addr"), (WORKLOADS, OFF)
+        ),
+        socks5_addr=_address("--socks5-addr", v("--socks5-addr"), (OFF,)),
+        admin_addr=_address("--admin-addr", v("--admin-addr")),
+        metrics_addr=_address("--metrics-addr", v("--metrics-addr")),
+        readiness_addr=_address("--readiness-addr", v("--readiness-addr")),
+        deny_unknown=v("--unknown-destination") == "deny",
+        drain_timeout=drain,
+    )

@@ -1,0 +1,137 @@
+"""Plain TCP relaying between two sockets the agent holds (passthrough, same-node, plaintext
+inbound): two `PlainLeg` protocols joined by a `PlainRelay`.
+
+Reads go into the shared receive buffer and straight into the other leg's transport; a full
+transport pauses reading on the other side; EOF is passed on as a half-close; the relay ends
+when both directions have ended or either side fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import cast
+
+from ztagent.hbone.transport import connect_socket, make_socket, receive_buffer
+
+CONNECT_TIMEOUT = 10.0
+
+
+class PlainLeg(asyncio.BufferedProtocol):
+    __slots__ = ("eof", "nbytes", "peer", "relay", "transport")
+
+    def __init__(self, relay: PlainRelay) -> None:
+        self.relay = relay
+        self.peer: PlainLeg | None = None
+        self.transport: asyncio.Transport | None = None
+        self.eof = False
+        self.nbytes = 0  # read from this side
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return receive_buffer().view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.nbytes += nbytes
+        peer = self.peer
+        if peer is None or peer.transport is None:
+            return
+        peer.transport.write(receive_buffer().view[:nbytes])
+        if peer.transport.get_write_buffer_size():
+            receive_buffer().retained()
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        peer = self.peer
+        if peer is not None and peer.transport is not None and peer.transport.can_write_eof():
+            peer.transport.write_eof()
+        if peer is None or peer.eof:
+            self.relay.finish(None)
+        return True
+
+    def pause_writing(self) -> None:
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        clean = exc is None and self.eof and (self.peer is None or self.peer.eof)
+        self.relay.finish(None if clean else str(exc or "connection closed early"))
+
+
+class PlainRelay:
+    """Joins a downstream transport the agent accepted with an upstream it connects."""
+
+    __slots__ = ("done", "downstream", "on_done", "started", "upstream")
+
+    def __init__(self, on_done: Callable[[PlainRelay, str | None], None] | None = None) -> None:
+        self.downstream = PlainLeg(self)
+        self.upstream = PlainLeg(self)
+        self.downstream.peer = self.upstream
+        self.upstream.peer = self.downstream
+        self.on_done = on_done
+        self.done = False
+        self.started = time.monotonic()
+
+    @property
+    def bytes_from_client(self) -> int:
+        return self.downstream.nbytes
+
+    @property
+    def bytes_to_client(self) -> int:
+        return self.upstream.nbytes
+
+    async def connect(
+        self,
+        downstream: asyncio.Transport,
+        address: tuple[str, int],
+        *,
+        mark: int | None = None,
+        early: bytes = b"",
+        reply: bytes = b"",
+        timeout: float = CONNECT_TIMEOUT,
+    ) -> None:
+        """Connect upstream, then hand `downstream` (paused) to this relay and start it:
+        `reply` goes to the client first, `early` (client bytes already read) upstream."""
+        loop = asyncio.get_running_loop()
+        sock = make_socket(address, mark, None)
+        try:
+            await connect_socket(loop, sock, address, timeout)
+            await loop.create_connection(lambda: self.upstream, sock=sock)
+        except BaseException:
+            sock.close()
+            raise
+        downstream.set_protocol(self.downstream)
+        self.downstream.connection_made(downstream)
+        if reply:
+            downstream.write(reply)
+        if early and self.upstream.transport is not None:
+            self.downstream.nbytes += len(early)
+            self.upstream.transport.write(early)
+        downstream.resume_reading()
+
+    def abort(self, error: str) -> None:
+        for leg in (self.downstream, self.upstream):
+            if leg.transport is not None:
+                leg.transport.abort()
+        self.finish(error)
+
+    def finish(self, error: str | None) -> None:
+        if self.done:
+            return
+        if error is None and not (self.downstream.eof and self.upstream.eof):
+            return  # one direction still open
+        self.done = True
+        for leg in (self.downstream, self.upstream):
+            if leg.transport is not None:
+                leg.transport.close()
+        if self.on_done is not None:
+            callback, self.on_done = self.on_done, None
+            callback(self, error)
