@@ -420,7 +420,11 @@ class NodeAgent:
         return _PlainInbound(self)
 
     async def inbound_plain(
-        self, transport: asyncio.Transport, peer: tuple[str, int], local: tuple[str, int]
+        self,
+        transport: asyncio.Transport,
+        peer: tuple[str, int],
+        local: tuple[str, int],
+        early: list[bytes],
     ) -> None:
         ip, port = local
         workload = self.state.local_workload_by_ip(_ip(ip))
@@ -457,7 +461,13 @@ class NodeAgent:
             return
         labels = self._labels("destination", source, None, workload, None, False)
         await self._relay_plain(
-            transport, (ip, port), labels, record, inbound=attributes, workload=workload
+            transport,
+            (ip, port),
+            labels,
+            record,
+            inbound=attributes,
+            workload=workload,
+            early=early,
         )
 
     async def _relay_plain(
@@ -469,7 +479,7 @@ class NodeAgent:
         *,
         inbound: ConnectionAttributes | None = None,
         workload: Workload | None = None,
-        early: bytes = b"",
+        early: list[bytes],
         reply: ReplyFn | None = None,
     ) -> None:
         started = time.monotonic()
@@ -527,10 +537,11 @@ class NodeAgent:
         client: tuple[str, int],
         destination: tuple[str, int],
         *,
-        early: bytes = b"",
+        early: list[bytes],
         reply: ReplyFn | None = None,
     ) -> None:
-        """One outbound connection (captured, or asked for through SOCKS5)."""
+        """One outbound connection (captured, or asked for through SOCKS5). `early` holds the
+        client's bytes read so far; it may grow until the connection is handed over."""
 
         def refuse(code: int, why: str) -> None:
             log.info("outbound %s -> %s refused: %s", client, destination, why)
@@ -612,14 +623,13 @@ class NodeAgent:
         route: Route,
         labels: ConnectionLabels,
         record: ConnectionRecord,
-        early: bytes,
+        early: list[bytes],
         reply: ReplyFn | None,
     ) -> None:
         started = time.monotonic()
         record = _replace(record, dst_hbone_addr=format_authority(*route.hbone_address))
         leg = TcpLeg()
-        if early:
-            leg.held = [early]
+        leg.held = early
         if reply is not None:
             leg.reply = lambda status: reply(_socks_code(status), None)
         transport.set_protocol(leg)
@@ -738,20 +748,46 @@ def _finish(
     )
 
 
-class _Socks5(asyncio.Protocol):
-    """The SOCKS5 handshake; then the connection is the agent's, as if it had been captured."""
+class _Holding(asyncio.Protocol):
+    """Until the agent takes the connection over, bytes the client sends are kept: the
+    transport may deliver a read even after `pause_reading()`."""
 
     def __init__(self, agent: NodeAgent) -> None:
         self.agent = agent
-        self.handshake = Socks5Handshake()
         self.transport: asyncio.Transport | None = None
+        self.held: list[bytes] = []
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
+        self.held.append(data)
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+
+    def addresses(self) -> tuple[tuple[str, int], tuple[str, int]]:
+        assert self.transport is not None
+        peer = self.transport.get_extra_info("peername")
+        local = self.transport.get_extra_info("sockname")
+        return (peer[0], peer[1]), (local[0], local[1])
+
+
+class _Socks5(_Holding):
+    """The SOCKS5 handshake; then the connection is the agent's, as if it had been captured."""
+
+    def __init__(self, agent: NodeAgent) -> None:
+        super().__init__(agent)
+        self.handshake = Socks5Handshake()
+
+    def data_received(self, data: bytes) -> None:
         transport = self.transport
-        if transport is None or self.handshake.done:
+        if transport is None:
+            return
+        if self.handshake.done:
+            super().data_received(data)
             return
         event = self.handshake.receive_data(data)
         out = self.handshake.data_to_send()
@@ -766,6 +802,8 @@ class _Socks5(asyncio.Protocol):
             return
         assert isinstance(event, ConnectRequested)
         transport.pause_reading()
+        if event.early_data:
+            self.held.append(event.early_data)
         host = event.host
         try:
             _ip(host)
@@ -776,43 +814,30 @@ class _Socks5(asyncio.Protocol):
                 transport.close()
                 return
             host = str(service.addresses[0].address)
-        peer = transport.get_extra_info("peername")
+        peer, _ = self.addresses()
         self.agent._spawn(
             self.agent.outbound(
-                transport,
-                (peer[0], peer[1]),
-                (host, event.port),
-                early=event.early_data,
-                reply=self.handshake.reply,
+                transport, peer, (host, event.port), early=self.held, reply=self.handshake.reply
             )
         )
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.transport = None
 
-
-class _Captured(asyncio.Protocol):
+class _Captured(_Holding):
     """A connection the capture steered to the outbound listener: its local address is the
     original destination."""
 
-    def __init__(self, agent: NodeAgent) -> None:
-        self.agent = agent
-
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        t = cast(asyncio.Transport, transport)
-        t.pause_reading()
-        local = t.get_extra_info("sockname")
-        peer = t.get_extra_info("peername")
-        self.agent._spawn(self.agent.outbound(t, (peer[0], peer[1]), (local[0], local[1])))
+        super().connection_made(transport)
+        assert self.transport is not None
+        self.transport.pause_reading()
+        peer, local = self.addresses()
+        self.agent._spawn(self.agent.outbound(self.transport, peer, local, early=self.held))
 
 
-class _PlainInbound(asyncio.Protocol):
-    def __init__(self, agent: NodeAgent) -> None:
-        self.agent = agent
-
+class _PlainInbound(_Holding):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        t = cast(asyncio.Transport, transport)
-        t.pause_reading()
-        local = t.get_extra_info("sockname")
-        peer = t.get_extra_info("peername")
-        self.agent._spawn(self.agent.inbound_plain(t, (peer[0], peer[1]), (local[0], local[1])))
+        super().connection_made(transport)
+        assert self.transport is not None
+        self.transport.pause_reading()
+        peer, local = self.addresses()
+        self.agent._spawn(self.agent.inbound_plain(self.transport, peer, local, self.held))

@@ -94,12 +94,13 @@ class PlainRelay:
         address: tuple[str, int],
         *,
         mark: int | None = None,
-        early: bytes = b"",
+        early: list[bytes] | None = None,
         reply: bytes = b"",
         timeout: float = CONNECT_TIMEOUT,
     ) -> None:
         """Connect upstream, then hand `downstream` (paused) to this relay and start it:
-        `reply` goes to the client first, `early` (client bytes already read) upstream."""
+        `reply` goes to the client first, `early` (client bytes read so far, a list that may
+        grow until the hand-over) upstream."""
         loop = asyncio.get_running_loop()
         sock = make_socket(address, mark, None)
         try:
@@ -112,9 +113,10 @@ class PlainRelay:
         self.downstream.connection_made(downstream)
         if reply:
             downstream.write(reply)
-        if early and self.upstream.transport is not None:
-            self.downstream.nbytes += len(early)
-            self.upstream.transport.write(early)
+        held = b"".join(early or ())
+        if held and self.upstream.transport is not None:
+            self.downstream.nbytes += len(held)
+            self.upstream.transport.write(held)
         downstream.resume_reading()
 
     def abort(self, error: str) -> None:
