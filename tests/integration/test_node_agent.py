@@ -557,3 +557,19 @@ def test_malformed_config_keeps_last_good_and_serves(lab: Lab) -> None:
     exchange_ok(lab, (ECHO_IP, APP_PORT))
     exchange_ok(lab, (ECHO_VIP, VIP_PORT))
     assert all(agent.alive() for agent in lab.agents)
+
+
+def test_series_of_a_workload_that_left_are_removed(lab: Lab) -> None:
+    exchange_ok(lab, (nodelab.PLAIN_IP, nodelab.APP_PORT))
+    lab.a.wait_samples(
+        lambda samples: bool(nodelab.select_samples(samples, OPENED, destination_workload="plain")),
+        "a series for plain",
+    )
+    config = nodelab.base_config()
+    config["workloads"] = [w for w in config["workloads"] if w["uid"] != nodelab.PLAIN_UID]
+    lab.apply(config)
+    nodelab.wait_for(
+        lambda: not nodelab.select_samples(lab.a.metrics(), OPENED, destination_workload="plain"),
+        5.0,
+        "node-a to drop the series of the departed workload",
+    )

@@ -106,6 +106,7 @@ class NodeAgent:
         self._clients: dict[Identity, HboneClient] = {}
         self._inbound: dict[object, _Inbound] = {}
         self._cert_errors: dict[Identity, str] = {}
+        self._workload_labels: dict[str, tuple[str, str]] = {}  # uid -> (namespace, name)
         self._bound_workloads: set[str] = set()
         self._plain_servers: dict[str, asyncio.AbstractServer] = {}
         self._servers: list[asyncio.AbstractServer] = []
@@ -218,8 +219,15 @@ class NodeAgent:
             if client is not None:
                 client.close()
         for uid in change.workloads.removed:
-            namespace, _, name = uid.partition("/")
-            self.metrics.forget_workload(namespace, name)
+            # Series name workloads as their labels do (see `_labels`): bounded cardinality.
+            known = self._workload_labels.pop(uid, None)
+            if known is not None:
+                self.metrics.forget_workload(*known)
+        for workload in self.state.workloads:
+            self._workload_labels[workload.uid] = (
+                workload.namespace,
+                workload.workload_name or workload.name,
+            )
         if self._certs_task is None or self._certs_task.done():
             self._certs_task = asyncio.get_running_loop().create_task(self._await_certs())
         if change.policy_relevant or change.workloads:
