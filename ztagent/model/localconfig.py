@@ -757,6 +757,30 @@ def load_local_config(
     return parse_local_config(data, source=str(path), trust_domain=trust_domain)
 
 
+_T = TypeVar("_T")
+
+
+def _carry_over(
+    new: tuple[_T, ...],
+    previous: tuple[_T, ...],
+    rejected: set[str],
+    *,
+    key: Callable[[_T], str],
+    claims: Callable[[_T], Iterable[object]],
+) -> list[_T]:
+    """`new` plus the previous version of each rejected object that is missing from it and
+    claims nothing (an address, a VIP) that `new` already holds."""
+    merged = list(new)
+    keys = {key(item) for item in merged}
+    taken = {c for item in merged for c in claims(item)}
+    for old in previous:
+        old_claims = set(claims(old))
+        if key(old) in rejected and key(old) not in keys and not taken & old_claims:
+            merged.append(old)
+            taken |= old_claims
+    return merged
+
+
 def keep_rejected(new: ConfigSnapshot, previous: ConfigSnapshot) -> ConfigSnapshot:
     """Carry over the previous version of objects that were rejected this time.
 
@@ -771,34 +795,26 @@ def keep_rejected(new: ConfigSnapshot, previous: ConfigSnapshot) -> ConfigSnapsh
     if not any(rejected.values()):
         return new
 
-    workloads = list(new.workloads)
-    uids = {w.uid for w in workloads}
-    taken = {a for w in workloads for a in w.network_addresses}
-    for old_workload in previous.workloads:
-        if (
-            old_workload.uid in rejected["workloads"]
-            and old_workload.uid not in uids
-            and not taken.intersection(old_workload.network_addresses)
-        ):
-            workloads.append(old_workload)
-            taken.update(old_workload.network_addresses)
-
-    services = list(new.services)
-    keys = {s.key for s in services}
-    vips = {a for s in services for a in s.addresses}
-    for old_service in previous.services:
-        if (
-            old_service.key in rejected["services"]
-            and old_service.key not in keys
-            and not vips.intersection(old_service.addresses)
-        ):
-            services.append(old_service)
-            vips.update(old_service.addresses)
-
-    policies = list(new.policies)
-    names = {p.key for p in policies}
-    policies.extend(
-        p for p in previous.policies if p.key in rejected["policies"] and p.key not in names
+    workloads = _carry_over(
+        new.workloads,
+        previous.workloads,
+        rejected["workloads"],
+        key=lambda w: w.uid,
+        claims=lambda w: w.network_addresses,
+    )
+    services = _carry_over(
+        new.services,
+        previous.services,
+        rejected["services"],
+        key=lambda s: s.key,
+        claims=lambda s: s.addresses,
+    )
+    policies = _carry_over(
+        new.policies,
+        previous.policies,
+        rejected["policies"],
+        key=lambda p: p.key,
+        claims=lambda p: (),
     )
     return ConfigSnapshot(tuple(workloads), tuple(services), tuple(policies), new.errors)
 
