@@ -114,6 +114,8 @@ class NodeAgent:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stop = asyncio.Event()
         self._certs_task: asyncio.Task[None] | None = None
+        # The agent's own connections carry this mark so capture leaves them alone.
+        self._mark: int | None = settings.mark if settings.capture else None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -305,7 +307,7 @@ class NodeAgent:
             if client is not None:
                 for conn in client.pool.connections():
                     conn.drain()
-            client = self._clients[identity] = HboneClient(tls)
+            client = self._clients[identity] = HboneClient(tls, mark=self._mark)
         return client
 
     # ------------------------------------------------------------------ labels
@@ -422,7 +424,7 @@ class NodeAgent:
 
             leg.on_done = done
 
-        return Allow((ip, port), on_leg=on_leg)
+        return Allow((ip, port), mark=self._mark, on_leg=on_leg)
 
     def _plain_inbound_protocol(self) -> asyncio.Protocol:
         return _PlainInbound(self)
@@ -510,6 +512,7 @@ class NodeAgent:
             await relay.connect(
                 transport,
                 address,
+                mark=self._mark,
                 early=early,
                 reply=reply(Reply.SUCCEEDED, None) if reply else b"",
             )

@@ -38,6 +38,10 @@ class NodeSettings:
     readiness_addr: tuple[str, int] = ("0.0.0.0", 15021)
     deny_unknown: bool = False
     drain_timeout: float = 5.0
+    capture: bool = False
+    uplink: str = "eth0"
+    # SO_MARK on the agent's own connections, so capture never steers them back to it.
+    mark: int = 0x539
 
 
 # (flag, environment variable or None, default, help)
@@ -96,6 +100,8 @@ _FLAGS: list[tuple[str, str | None, str, str]] = [
         "what to do with connections to addresses not in the mesh: passthrough or deny",
     ),
     ("--drain-timeout", None, "5", "seconds open connections may take to finish on shutdown"),
+    ("--uplink", None, "eth0", "the node's uplink device, for inbound capture (with --capture)"),
+    ("--mark", None, "0x539", "SO_MARK of the agent's own connections (with --capture)"),
 ]
 
 
@@ -105,6 +111,16 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(
             flag, default=None, help=f"{text} (default: {default or 'none'}){where}"
         )
+    parser.add_argument(
+        "--capture",
+        action="store_true",
+        help="capture enrolled pods' traffic with eBPF in this network namespace (needs root)",
+    )
+    parser.add_argument(
+        "--cleanup",
+        action="store_true",
+        help="remove capture leftovers (filters, rules, routes) of an earlier agent, then exit",
+    )
 
 
 def _value(args: argparse.Namespace, flag: str) -> str:
@@ -146,6 +162,10 @@ def from_args(args: argparse.Namespace) -> NodeSettings:
     if v("--unknown-destination") not in ("passthrough", "deny"):
         raise LocalError("--unknown-destination must be passthrough or deny")
     try:
+        mark = int(v("--mark"), 0)
+    except ValueError:
+        raise LocalError(f"--mark: {v('--mark')!r} is not a number") from None
+    try:
         drain = float(v("--drain-timeout"))
     except ValueError:
         raise LocalError(f"--drain-timeout: {v('--drain-timeout')!r} is not a number") from None
@@ -169,4 +189,7 @@ def from_args(args: argparse.Namespace) -> NodeSettings:
         readiness_addr=_address("--readiness-addr", v("--readiness-addr")),
         deny_unknown=v("--unknown-destination") == "deny",
         drain_timeout=drain,
+        capture=bool(getattr(args, "capture", False)),
+        uplink=v("--uplink"),
+        mark=mark,
     )
