@@ -17,6 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     from ztagent import ctl as ctl_command
     from ztagent.hbone import command as hbone_command
     from ztagent.identity import command as ca_command
+    from ztagent.lab import command as lab_command
     from ztagent.node import command as node_command
 
     parser = argparse.ArgumentParser(
@@ -39,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     hbone_command.register(sub)
     node_command.register(sub)
     ctl_command.register(sub)
+    lab_command.register(sub)
     return parser
 
 

@@ -30,13 +30,14 @@ from ztagent.identity.manager import CertificateManager
 from ztagent.identity.spiffe import Identity
 from ztagent.model.store import ProxyState, StateChange
 from ztagent.model.watch import ConfigWatcher
-from ztagent.model.workload import Service, Workload
+from ztagent.model.workload import Service, TunnelProtocol, Workload
 from ztagent.node.dump import CertificateStatus, config_dump
 from ztagent.node.routing import RoundRobin, Route, RouteKind, route_outbound
 from ztagent.node.settings import WORKLOADS, NodeSettings
 from ztagent.proxy.relay import PlainRelay
 from ztagent.proxy.socks5 import ConnectRequested, Failed, NeedMore, Reply, Socks5Handshake
 from ztagent.rbac import ConnectionAttributes, Verdict, evaluate
+from ztagent.redirect import Capture
 from ztagent.telemetry.accesslog import AccessLog, ConnectionRecord
 from ztagent.telemetry.admin import (
     Readiness,
@@ -116,12 +117,18 @@ class NodeAgent:
         self._certs_task: asyncio.Task[None] | None = None
         # The agent's own connections carry this mark so capture leaves them alone.
         self._mark: int | None = settings.mark if settings.capture else None
+        self.capture: Capture | None = None
+        self._enrolled: set[str] = set()
 
     # ------------------------------------------------------------------ lifecycle
 
     async def run(self) -> int:
         s = self.settings
         loop = asyncio.get_running_loop()
+        if s.capture:
+            # First, so a machine that cannot capture says so before anything listens.
+            self.capture = Capture(mark=s.mark)
+            self.capture.start(devices=[s.uplink])
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
         self._http = [
@@ -147,8 +154,12 @@ class NodeAgent:
             s.local_xds_path,
             s.trust_domain,
         )
-        await self._stop.wait()
-        await self._drain()
+        try:
+            await self._stop.wait()
+            await self._drain()
+        finally:
+            if self.capture is not None:
+                self.capture.stop()
         return 0
 
     async def _listen(self) -> None:
@@ -235,6 +246,32 @@ class NodeAgent:
         if change.policy_relevant or change.workloads:
             self._recheck_inbound()
         self._spawn(self._bind_workloads())
+        if self.capture is not None:
+            self._sync_capture(self.capture)
+
+    def _sync_capture(self, capture: Capture) -> None:
+        """Enrolment follows the model: local HBONE workloads are captured, other local pods
+        only get the program on their veth (for traffic to enrolled pods on this node)."""
+        wanted: set[str] = set()
+        for workload in self.state.local_workloads():
+            for address in workload.addresses:
+                ip = str(address)
+                if address.version != 4:
+                    continue
+                try:
+                    ifindex = capture.host_veth_for(ip)
+                    capture.attach_pod_veth(ifindex)
+                    if workload.tunnel_protocol is TunnelProtocol.HBONE:
+                        capture.enrol_pod(ip, ifindex)
+                        wanted.add(ip)
+                except LocalError as exc:
+                    log.error("cannot capture %s (%s): %s", workload.name, ip, exc)
+        for ip in self._enrolled - wanted:
+            capture.unenrol_pod(ip)
+        added, removed = wanted - self._enrolled, self._enrolled - wanted
+        if added or removed:
+            log.info("capture: enrolled %s, released %s", sorted(added), sorted(removed))
+        self._enrolled = wanted
 
     async def _await_certs(self) -> None:
         identities = self.state.local_identities()

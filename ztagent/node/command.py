@@ -28,6 +28,14 @@ def run(args: argparse.Namespace) -> int:
     from ztagent.node.agent import NodeAgent
     from ztagent.telemetry.accesslog import configure_logging
 
+    if args.cleanup:
+        from ztagent.redirect import cleanup
+
+        removed = cleanup()
+        for item in removed:
+            print(f"removed {item}")
+        print(f"capture clean-up done: {len(removed)} item(s) removed")
+        return 0
     settings = node_settings.from_args(args)
     configure_logging(args.log_level, settings.log_format)
 

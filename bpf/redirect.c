@@ -1,0 +1,156 @@
+// ztagent capture: one sched_cls program for tc ingress (clsact, direct-action).
+//
+// Attached on the ingress of pod host-side veths and of the node's uplink. For TCP/IPv4:
+//   1. a packet that belongs to an existing socket of this netns (established, request or
+//      time-wait, not a listener) is assigned to it and marked; captured flows need this
+//      because their destination address is not local;
+//   2. a SYN arriving on an enrolled pod's veth goes to the outbound listener (the agent
+//      carries it with the pod's identity, also to pods on this node); else a SYN to an
+//      enrolled pod's IP goes to the HBONE listener (port 15008) or the plaintext inbound
+//      listener (other ports). The chosen listener is assigned and the packet marked; with no
+//      listener the SYN is dropped (fail closed);
+//   3. everything else passes untouched: TC_ACT_UNSPEC, so filters after ours still run.
+//
+// The mark routes assigned packets to the local stack (ip rule fwmark -> local 0.0.0.0/0 dev
+// lo). Loops: packets the agent sends from this netns leave through egress and never meet
+// this ingress hook; packets crossing into another netns lose their mark. A packet that
+// reaches the hook already carrying the steering mark or the agent's socket mark (in the
+// masked bits) has been decided on before or comes from the agent through a device looped
+// back into this netns, and passes untouched. The agent's SO_MARK must differ from the
+// steering mark: the fwmark rule would otherwise send the agent's own outgoing packets to lo.
+//
+// Compile-time settings (passed with -D by the loader): ZT_STEER_MARK, ZT_AGENT_MARK,
+// ZT_MARK_MASK, ZT_AGENT_IP (network order, 0 = any), ZT_OUTBOUND_PORT, ZT_INBOUND_PORT,
+// ZT_PLAINTEXT_PORT, ZT_HBONE_PORT.
+
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/if_ether.h>
+#include <uapi/linux/in.h>
+#include <uapi/linux/ip.h>
+#include <uapi/linux/pkt_cls.h>
+#include <uapi/linux/tcp.h>
+
+#ifndef ZT_STEER_MARK
+#define ZT_STEER_MARK 0x53a
+#endif
+#ifndef ZT_AGENT_MARK
+#define ZT_AGENT_MARK 0x539
+#endif
+#ifndef ZT_MARK_MASK
+#define ZT_MARK_MASK 0xfff
+#endif
+#ifndef ZT_AGENT_IP
+#define ZT_AGENT_IP 0
+#endif
+#ifndef ZT_OUTBOUND_PORT
+#define ZT_OUTBOUND_PORT 15001
+#endif
+#ifndef ZT_INBOUND_PORT
+#define ZT_INBOUND_PORT 15008
+#endif
+#ifndef ZT_PLAINTEXT_PORT
+#define ZT_PLAINTEXT_PORT 15006
+#endif
+#ifndef ZT_HBONE_PORT
+#define ZT_HBONE_PORT 15008
+#endif
+#ifndef ZT_MAX_PODS
+#define ZT_MAX_PODS 4096
+#endif
+
+#define ZT_PASS TC_ACT_UNSPEC
+#define ZT_TCP_LISTEN 10 /* BPF_TCP_LISTEN */
+#define ZT_TCP_TIME_WAIT 6 /* BPF_TCP_TIME_WAIT */
+
+BPF_HASH(inbound_pods, u32, u8, ZT_MAX_PODS);     /* pod IPv4, network order */
+BPF_HASH(outbound_ifaces, u32, u8, ZT_MAX_PODS);  /* host-side veth ifindex */
+
+static __always_inline void zt_mark(struct __sk_buff *skb)
+{
+    skb->mark = (skb->mark & ~(u32)ZT_MARK_MASK) | ZT_STEER_MARK;
+}
+
+int zt_redirect(struct __sk_buff *skb)
+{
+    void *data = (void *)(long)skb->data;
+    void *data_end = (void *)(long)skb->data_end;
+    struct ethhdr *eth = data;
+    struct iphdr *ip;
+    struct tcphdr *tcp;
+    struct bpf_sock_tuple tuple = {};
+    struct bpf_sock *sk;
+    u32 mark = skb->mark & ZT_MARK_MASK;
+    u32 ihl;
+    u16 port;
+    long err;
+
+    if (mark == ZT_STEER_MARK || mark == ZT_AGENT_MARK)
+        return ZT_PASS;
+    if ((void *)(eth + 1) > data_end || eth->h_proto != bpf_htons(ETH_P_IP))
+        return ZT_PASS;
+    ip = (void *)(eth + 1);
+    if ((void *)(ip + 1) > data_end || ip->protocol != IPPROTO_TCP)
+        return ZT_PASS;
+    if (ip->frag_off & bpf_htons(0x1fff))
+        return ZT_PASS; /* not a first fragment: no TCP header here */
+    ihl = ip->ihl * 4;
+    if (ihl < sizeof(*ip))
+        return ZT_PASS;
+    tcp = (void *)ip + ihl;
+    if ((void *)(tcp + 1) > data_end)
+        return ZT_PASS;
+
+    tuple.ipv4.saddr = ip->saddr;
+    tuple.ipv4.daddr = ip->daddr;
+    tuple.ipv4.sport = tcp->source;
+    tuple.ipv4.dport = tcp->dest;
+
+    /* 1. an existing socket of this netns owns the packet */
+    sk = (struct bpf_sock *)bpf_skc_lookup_tcp(skb, &tuple, sizeof(tuple.ipv4),
+                                               BPF_F_CURRENT_NETNS, 0);
+    if (sk) {
+        if (sk->state != ZT_TCP_LISTEN &&
+            !(sk->state == ZT_TCP_TIME_WAIT && tcp->syn && !tcp->ack)) {
+            err = bpf_sk_assign(skb, sk, 0);
+            bpf_sk_release(sk);
+            if (err)
+                return ZT_PASS;
+            zt_mark(skb);
+            return TC_ACT_OK;
+        }
+        bpf_sk_release(sk);
+    }
+
+    /* 2. new flows: SYN without ACK */
+    if (!tcp->syn || tcp->ack)
+        return ZT_PASS;
+
+    u32 daddr = ip->daddr;
+    u32 ifindex = skb->ingress_ifindex;
+    if (outbound_ifaces.lookup(&ifindex)) {
+        /* From an enrolled pod: the agent carries it out (with the pod's identity), even
+         * to an enrolled pod on this node, whose inbound policy the agent then applies. */
+        port = ZT_OUTBOUND_PORT;
+    } else if (inbound_pods.lookup(&daddr)) {
+        port = tcp->dest == bpf_htons(ZT_HBONE_PORT) ? ZT_INBOUND_PORT : ZT_PLAINTEXT_PORT;
+    } else {
+        return ZT_PASS;
+    }
+
+    tuple.ipv4.daddr = ZT_AGENT_IP;
+    tuple.ipv4.dport = bpf_htons(port);
+    sk = (struct bpf_sock *)bpf_skc_lookup_tcp(skb, &tuple, sizeof(tuple.ipv4),
+                                               BPF_F_CURRENT_NETNS, 0);
+    if (!sk)
+        return TC_ACT_SHOT;
+    if (sk->state != ZT_TCP_LISTEN) {
+        bpf_sk_release(sk);
+        return TC_ACT_SHOT;
+    }
+    err = bpf_sk_assign(skb, sk, 0);
+    bpf_sk_release(sk);
+    if (err)
+        return TC_ACT_SHOT;
+    zt_mark(skb);
+    return TC_ACT_OK;
+}

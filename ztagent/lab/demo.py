@@ -1,0 +1,464 @@
+"""`ztagent lab demo`: the checks, one PASS/FAIL line each; exit 0 only when all pass.
+
+1. same-node call through the mesh (a-sleep -> a-echo): the app sees node-a's agent;
+2. cross-node call through the mesh (a-sleep -> b-echo): the app sees node-b's agent;
+3. node-b's access log names both identities for that call;
+4. a 1 MiB transfer across nodes is TLS on the underlay (port 15008 records) and the
+   plaintext payload never appears there (captured with AF_PACKET in the underlay namespace);
+5. a call between non-enrolled pods (b-legacy -> a-legacy) stays direct: the app sees the
+   caller's own address;
+6. an L4 DENY policy for a-sleep's principal on b-echo refuses the call; removing it lets
+   calls through again;
+7. node-b's metrics count inbound connections (istio_tcp_connections_opened_total,
+   reporter="destination").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from ztagent.lab import apps, netns, state
+from ztagent.lab.command import http_get, read_config, say, write_config
+from ztagent.lab.topology import HBONE_PORT, LabError, Plan, Pod
+
+ETH_P_ALL = 0x0003
+SO_RCVBUFFORCE = 33
+TRANSFER_BYTES = 1024 * 1024
+CAPTURE_MAX_SECONDS = 30.0
+CAPTURE_MAX_BYTES = 64 * 1024 * 1024
+POLICY_NAME = "lab-deny-sleep"
+CONFIG_TIMEOUT = 10.0
+LOG_TIMEOUT = 5.0
+MARKER = b"ztlab plaintext payload"
+TLS_TYPES = frozenset({0x14, 0x15, 0x16, 0x17})
+
+
+@dataclass
+class Result:
+    name: str
+    ok: bool
+    detail: str
+
+
+class CallError(Exception):
+    pass
+
+
+def call(
+    plan: Plan, source: Pod, dest: tuple[str, int], path: str, post_bytes: int = 0
+) -> dict[str, Any]:
+    """An HTTP request from inside `source`'s namespace; the echo app's JSON answer."""
+    try:
+        status, body = netns.run_in(
+            source.netns, lambda: apps.request(dest[0], dest[1], path, post_bytes, 15.0), 30.0
+        )
+    except (OSError, http.client.HTTPException) as exc:
+        raise CallError(f"{type(exc).__name__}: {exc}") from None
+    if status != 200:
+        raise CallError(f"HTTP {status}: {body[:200]!r}")
+    try:
+        answer: dict[str, Any] = json.loads(body)
+    except ValueError:
+        raise CallError(f"not the echo app's answer: {body[:200]!r}") from None
+    return answer
+
+
+def _peer_ip(answer: dict[str, Any]) -> str:
+    return str(answer.get("peer", "")).rsplit(":", 1)[0]
+
+
+def _uncaptured_hint(capture: bool) -> str:
+    return "" if capture else " (the agents run without --capture: nothing steers pod traffic)"
+
+
+def check_mesh_call(plan: Plan, source: Pod, dest: Pod, label: str, capture: bool) -> Result:
+    node = plan.node(dest.node)
+    name = f"{label} call {source.key} -> {dest.key} through the mesh"
+    try:
+        answer = call(plan, source, dest.address, f"/{label}")
+    except CallError as exc:
+        return Result(name, False, f"call failed: {exc}")
+    peer = _peer_ip(answer)
+    if answer.get("pod") != dest.key:
+        return Result(name, False, f"answered by {answer.get('pod')!r}, not {dest.key}")
+    if peer == node.ip:
+        return Result(
+            name, True, f"{dest.key} saw the connection come from {node.name}'s agent ({peer})"
+        )
+    if peer == source.ip:
+        return Result(
+            name,
+            False,
+            f"{dest.key} saw the caller's own address {peer}: the call was not captured"
+            + _uncaptured_hint(capture),
+        )
+    return Result(name, False, f"{dest.key} saw {peer}, expected {node.name}'s agent {node.ip}")
+
+
+def _log_size(path: str) -> int:
+    try:
+        with open(path, "rb") as f:
+            return f.seek(0, 2)
+    except OSError:
+        return 0
+
+
+def _log_since(path: str, offset: int) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def check_access_log(
+    plan: Plan, log_path: str, offset: int, source: Pod, dest: Pod, capture: bool
+) -> Result:
+    name = f"{dest.node}'s access log names both identities"
+    deadline = time.monotonic() + LOG_TIMEOUT
+    while True:
+        for line in _log_since(log_path, offset).splitlines():
+            if "connection complete" in line and source.identity in line and dest.identity in line:
+                return Result(name, True, line.strip()[:240])
+        if time.monotonic() >= deadline:
+            return Result(
+                name,
+                False,
+                f"no 'connection complete' line with {source.identity} and {dest.identity} "
+                f"in {log_path} within {LOG_TIMEOUT:g}s" + _uncaptured_hint(capture),
+            )
+        time.sleep(0.2)
+
+
+# --------------------------------------------------------------------------- underlay capture
+
+
+@dataclass
+class Segment:
+    seq: int
+    syn: bool
+    data: bytes
+
+
+@dataclass
+class Capture:
+    frames: int = 0
+    captured_bytes: int = 0
+    flows: dict[tuple[str, int, str, int], list[Segment]] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+
+
+def _parse(frame: bytes, out: Capture) -> None:
+    """Record the TCP segment of an IPv4 frame (everything on the underlay is the lab's)."""
+    if len(frame) < 14 + 20 or frame[12:14] != b"\x08\x00":
+        return
+    ip = frame[14:]
+    ihl = (ip[0] & 0x0F) * 4
+    if ip[9] != 6 or len(ip) < ihl + 20:
+        return
+    total = struct.unpack("!H", ip[2:4])[0]
+    src = socket.inet_ntoa(ip[12:16])
+    dst = socket.inet_ntoa(ip[16:20])
+    tcp = ip[ihl:total]
+    sport, dport, seq = struct.unpack("!HHI", tcp[:8])
+    offset = (tcp[12] >> 4) * 4
+    syn = bool(tcp[13] & 0x02)
+    data = bytes(tcp[offset:])
+    out.flows.setdefault((src, sport, dst, dport), []).append(Segment(seq, syn, data))
+
+
+def capture_underlay(
+    plan: Plan, stop: threading.Event, ready: threading.Event, out: Capture
+) -> None:
+    """Read frames on node-a's underlay port until `stop` (bounded in time and bytes)."""
+    port = plan.node("node-a").underlay_port
+
+    def run() -> None:
+        sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+        try:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 32 * 1024 * 1024)
+            except OSError:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024 * 1024)
+            sock.bind((port, ETH_P_ALL))
+            sock.settimeout(0.2)
+            ready.set()
+            deadline = time.monotonic() + CAPTURE_MAX_SECONDS
+            while not stop.is_set() and time.monotonic() < deadline:
+                if out.captured_bytes >= CAPTURE_MAX_BYTES:
+                    out.errors.append(f"capture stopped at {CAPTURE_MAX_BYTES} bytes")
+                    break
+                try:
+                    frame = sock.recv(262144)
+                except TimeoutError:
+                    continue
+                out.frames += 1
+                out.captured_bytes += len(frame)
+                _parse(frame, out)
+        finally:
+            sock.close()
+            ready.set()
+
+    netns.run_in(plan.underlay_netns, run, CAPTURE_MAX_SECONDS + 10.0)
+
+
+def _stream(segments: list[Segment]) -> tuple[bytes, bool]:
+    """The flow's bytes in sequence order from its first segment (or its SYN), stopping at
+    the first gap; and whether the SYN was seen (so the stream starts at its beginning)."""
+    syn = next((s for s in segments if s.syn), None)
+    start = (syn.seq + 1) & 0xFFFFFFFF if syn else segments[0].seq
+    pieces = sorted(((s.seq - start) & 0xFFFFFFFF, s.data) for s in segments if s.data)
+    out = bytearray()
+    for rel, data in pieces:
+        if rel > 0x7FFFFFFF:
+            continue
+        if rel > len(out):
+            break
+        out += data[len(out) - rel :]
+    return bytes(out), syn is not None
+
+
+def _tls_walk(stream: bytes, from_start: bool) -> tuple[bool, int, str]:
+    """Whether `stream` is a chain of TLS records (resynchronising when the capture began
+    mid-stream); the number of records and the first record type."""
+    starts = [0] if from_start else range(min(len(stream), 20000))
+    for first in starts:
+        pos = first
+        count = 0
+        while pos + 5 <= len(stream):
+            kind, major, minor, length = stream[pos], stream[pos + 1], stream[pos + 2], 0
+            length = struct.unpack("!H", stream[pos + 3 : pos + 5])[0]
+            if kind not in TLS_TYPES or major != 3 or minor > 4 or length > 16384 + 2048:
+                break
+            pos += 5 + length
+            count += 1
+        if pos + 5 > len(stream) and count > 0:
+            return True, count, f"0x{stream[first]:02x}"
+    return False, 0, ""
+
+
+def check_underlay_tls(plan: Plan, source: Pod, dest: Pod, capture: bool) -> Result:
+    name = "underlay carries TLS on 15008, never the plaintext, during a 1 MiB transfer"
+    out = Capture()
+    stop, ready = threading.Event(), threading.Event()
+    errors: list[BaseException] = []
+
+    def capture_thread() -> None:
+        try:
+            capture_underlay(plan, stop, ready, out)
+        except BaseException as exc:
+            errors.append(exc)
+            ready.set()
+
+    thread = threading.Thread(target=capture_thread, daemon=True)
+    thread.start()
+    ready.wait(10.0)
+    transfer = ""
+    try:
+        answer = call(plan, source, dest.address, "/transfer", TRANSFER_BYTES)
+        expected = apps.payload(TRANSFER_BYTES)
+        if (
+            answer.get("received") != TRANSFER_BYTES
+            or answer.get("sha256") != hashlib.sha256(expected).hexdigest()
+        ):
+            transfer = f"the app received {answer.get('received')} bytes, not the payload"
+    except CallError as exc:
+        transfer = f"transfer failed: {exc}"
+    time.sleep(0.3)
+    stop.set()
+    thread.join(CAPTURE_MAX_SECONDS + 15.0)
+    if errors:
+        return Result(name, False, f"capture failed: {errors[0]}")
+    if transfer:
+        return Result(name, False, transfer)
+    hbone_bytes = 0
+    other_bytes = 0
+    leaks: list[str] = []
+    bad_tls: list[str] = []
+    records = 0
+    for (src, sport, dst, dport), segments in out.flows.items():
+        payload_bytes = sum(len(s.data) for s in segments)
+        where = f"{src}:{sport} -> {dst}:{dport}"
+        if any(MARKER in s.data for s in segments):
+            leaks.append(where)
+        stream, from_start = _stream(segments)
+        if MARKER in stream and where not in leaks:
+            leaks.append(where)
+        if HBONE_PORT in (sport, dport):
+            hbone_bytes += payload_bytes
+            if stream:
+                ok, count, _first = _tls_walk(stream, from_start)
+                records += count
+                if not ok:
+                    bad_tls.append(where)
+        else:
+            other_bytes += payload_bytes
+    summary = (
+        f"{out.frames} frames; {hbone_bytes} bytes on {HBONE_PORT} in {records} TLS records; "
+        f"{other_bytes} bytes on other ports"
+    )
+    if leaks:
+        return Result(
+            name,
+            False,
+            f"the plaintext payload crossed the underlay ({', '.join(leaks[:3])}); {summary}"
+            + _uncaptured_hint(capture),
+        )
+    if hbone_bytes < TRANSFER_BYTES:
+        return Result(name, False, f"less than 1 MiB went over {HBONE_PORT}; {summary}")
+    if bad_tls:
+        return Result(name, False, f"not TLS records: {', '.join(bad_tls[:3])}; {summary}")
+    return Result(name, True, summary)
+
+
+# --------------------------------------------------------------------------- direct call
+
+
+def check_direct(plan: Plan, source: Pod, dest: Pod) -> Result:
+    name = f"non-enrolled {source.key} -> {dest.key} stays direct"
+    try:
+        answer = call(plan, source, dest.address, "/direct")
+    except CallError as exc:
+        return Result(name, False, f"call failed: {exc}")
+    peer = _peer_ip(answer)
+    if peer == source.ip:
+        return Result(name, True, f"{dest.key} saw the caller's own address {peer}")
+    return Result(name, False, f"{dest.key} saw {peer}, expected the caller's {source.ip}")
+
+
+# --------------------------------------------------------------------------- policy
+
+
+def _policy_keys(plan: Plan, node_name: str) -> set[str]:
+    node = plan.node(node_name)
+    status, body = http_get(node.netns, node.admin, "/config_dump", 3.0)
+    if status != 200:
+        raise LabError(f"{node_name} /config_dump: HTTP {status}")
+    dump = json.loads(body)
+    return {str(p.get("key")) for p in dump.get("policies") or []}
+
+
+def _wait(check: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if check():
+                return True
+        except (OSError, ValueError, http.client.HTTPException, LabError):
+            pass
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.2)
+
+
+def check_policy(plan: Plan, source: Pod, dest: Pod, capture: bool) -> Result:
+    name = f"L4 DENY policy refuses {source.key} -> {dest.key}"
+    original = read_config(plan.config_path)
+    key = f"{dest.namespace}/{POLICY_NAME}"
+    config = json.loads(json.dumps(original))
+    config.setdefault("policies", [])
+    config["policies"] = [
+        *(config["policies"] or []),
+        {
+            "name": POLICY_NAME,
+            "namespace": dest.namespace,
+            "scope": "WorkloadSelector",
+            "action": "Deny",
+            "dryRun": False,
+            "rules": [[[{"principals": [{"Exact": source.identity.removeprefix("spiffe://")}]}]]],
+        },
+    ]
+    for item in config.get("workloads") or []:
+        if item.get("uid") == dest.uid:
+            item["authorizationPolicies"] = [*(item.get("authorizationPolicies") or []), key]
+    write_config(plan.config_path, config)
+    try:
+        if not _wait(lambda: key in _policy_keys(plan, dest.node), CONFIG_TIMEOUT):
+            return Result(name, False, f"{dest.node} did not load {key} in {CONFIG_TIMEOUT:g}s")
+        try:
+            answer = call(plan, source, dest.address, "/denied")
+            return Result(
+                name,
+                False,
+                f"the call went through (the app saw {answer.get('peer')})"
+                + _uncaptured_hint(capture),
+            )
+        except CallError as exc:
+            refused = f"refused ({exc})"
+    finally:
+        write_config(plan.config_path, original)
+    if not _wait(lambda: key not in _policy_keys(plan, dest.node), CONFIG_TIMEOUT):
+        return Result(name, False, f"{refused}, but {dest.node} kept {key} after its removal")
+    try:
+        call(plan, source, dest.address, "/allowed-again")
+    except CallError as exc:
+        return Result(name, False, f"{refused}, but still refused after removal: {exc}")
+    return Result(name, True, f"{refused}; allowed again once the policy was removed")
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def check_metrics(plan: Plan, node_name: str, capture: bool) -> Result:
+    metric = "istio_tcp_connections_opened_total"
+    name = f"{node_name} metrics: {metric}{{reporter=destination}} > 0"
+    node = plan.node(node_name)
+    try:
+        status, body = http_get(node.netns, node.metrics, "/metrics", 3.0)
+    except (OSError, http.client.HTTPException, LabError) as exc:
+        return Result(name, False, f"cannot read {node.metrics[0]}:{node.metrics[1]}: {exc}")
+    if status != 200:
+        return Result(name, False, f"/metrics answered HTTP {status}")
+    total = 0.0
+    for family in text_string_to_metric_families(body.decode(errors="replace")):
+        for sample in family.samples:
+            if sample.name == metric and sample.labels.get("reporter") == "destination":
+                total += float(sample.value)
+    if total > 0:
+        return Result(name, True, f"{total:g} connections")
+    return Result(name, False, "no inbound connection counted" + _uncaptured_hint(capture))
+
+
+# --------------------------------------------------------------------------- run
+
+
+def run(plan: Plan) -> int:
+    netns.require_root()
+    st = state.load(plan.state_path)
+    if st is None or st.phase != "up":
+        raise LabError(f"no lab is up in {plan.directory}: run `ztagent lab up` first")
+    capture = st.capture
+    if not capture:
+        say("the agents run without --capture: the mesh checks are expected to FAIL")
+    sleep, a_echo, b_echo = plan.pod("a-sleep"), plan.pod("a-echo"), plan.pod("b-echo")
+    b_legacy, a_legacy = plan.pod("b-legacy"), plan.pod("a-legacy")
+    log_b = str(plan.log_path(b_echo.node))
+    results: list[Result] = []
+
+    def report(result: Result) -> None:
+        results.append(result)
+        print(f"{'PASS' if result.ok else 'FAIL'}  {result.name}: {result.detail}", flush=True)
+
+    report(check_mesh_call(plan, sleep, a_echo, "same-node", capture))
+    offset = _log_size(log_b)
+    report(check_mesh_call(plan, sleep, b_echo, "cross-node", capture))
+    report(check_access_log(plan, log_b, offset, sleep, b_echo, capture))
+    report(check_underlay_tls(plan, sleep, b_echo, capture))
+    report(check_direct(plan, b_legacy, a_legacy))
+    report(check_policy(plan, sleep, b_echo, capture))
+    report(check_metrics(plan, b_echo.node, capture))
+    passed = sum(r.ok for r in results)
+    print(f"{passed}/{len(results)} checks passed", flush=True)
+    return 0 if passed == len(results) else 1

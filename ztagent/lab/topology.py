@@ -1,0 +1,243 @@
+"""The lab's plan as pure data: nodes, pods, addresses and names, all derived from `Settings`.
+
+Two nodes (`node-a`, `node-b`) are network namespaces joined by veths to a bridge in an
+underlay namespace. Each pod is a namespace with an `eth0` veth to its node, a /32 address
+from its node's pod range and a default route via a link-local gateway (169.254.1.1, answered
+by proxy ARP on the node side, as Calico does). Every namespace and link name starts with the
+prefix; every address comes from the pod and underlay ranges, so the lab owns all of them.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from ztagent.errors import LocalError
+
+DEFAULT_PREFIX = "ztlab-"
+DEFAULT_POD_CIDR = "10.244.0.0/16"
+DEFAULT_UNDERLAY_CIDR = "10.245.0.0/24"
+TRUST_DOMAIN = "cluster.local"
+GATEWAY = "169.254.1.1"
+APP_PORT = 8080
+SERVICE_PORT = 80
+ENROLLED_NAMESPACE = "demo"
+LEGACY_NAMESPACE = "legacy"
+SERVICE_HOST = f"echo.{ENROLLED_NAMESPACE}.svc.cluster.local"
+ADMIN_PORT = 15000
+METRICS_PORT = 15020
+READINESS_PORT = 15021
+HBONE_PORT = 15008
+MAX_IFNAME = 15
+_PREFIX_RE = re.compile(r"^[a-z][a-z0-9-]{0,7}$")
+
+
+class LabError(LocalError):
+    """A lab setting or step that cannot work; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    prefix: str = DEFAULT_PREFIX
+    pod_cidr: str = DEFAULT_POD_CIDR
+    underlay_cidr: str = DEFAULT_UNDERLAY_CIDR
+    directory: Path = Path(".lab")
+
+
+@dataclass(frozen=True)
+class Node:
+    name: str
+    """The node name in the config (`node-a`)."""
+    letter: str
+    netns: str
+    ip: str
+    """Underlay address of the node's `eth0`."""
+    underlay_port: str
+    """The node veth's peer on the underlay bridge."""
+    pod_cidr: str
+
+    @property
+    def admin(self) -> tuple[str, int]:
+        return (self.ip, ADMIN_PORT)
+
+    @property
+    def metrics(self) -> tuple[str, int]:
+        return (self.ip, METRICS_PORT)
+
+    @property
+    def readiness(self) -> tuple[str, int]:
+        return (self.ip, READINESS_PORT)
+
+
+@dataclass(frozen=True)
+class Pod:
+    key: str
+    """Short name, unique in the lab (`a-sleep`); the namespace and host veth derive from it."""
+    app: str
+    node: str
+    namespace: str
+    netns: str
+    ip: str
+    host_veth: str
+
+    @property
+    def enrolled(self) -> bool:
+        return self.namespace == ENROLLED_NAMESPACE
+
+    @property
+    def service_account(self) -> str:
+        return self.app
+
+    @property
+    def identity(self) -> str:
+        return f"spiffe://{TRUST_DOMAIN}/ns/{self.namespace}/sa/{self.service_account}"
+
+    @property
+    def uid(self) -> str:
+        return f"Kubernetes//Pod/{self.namespace}/{self.key}"
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return (self.ip, APP_PORT)
+
+
+@dataclass(frozen=True)
+class Plan:
+    settings: Settings
+    underlay_netns: str
+    bridge: str
+    nodes: tuple[Node, ...]
+    pods: tuple[Pod, ...]
+    service_vip: str
+
+    @property
+    def directory(self) -> Path:
+        return self.settings.directory
+
+    @property
+    def prefix(self) -> str:
+        return self.settings.prefix
+
+    @property
+    def state_path(self) -> Path:
+        return self.directory / "state.json"
+
+    @property
+    def config_path(self) -> Path:
+        return self.directory / "config" / "local-config.yaml"
+
+    @property
+    def ca_dir(self) -> Path:
+        return self.directory / "ca"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.directory / "logs"
+
+    def log_path(self, name: str) -> Path:
+        return self.log_dir / f"{name}.log"
+
+    @property
+    def namespaces(self) -> tuple[str, ...]:
+        """Every namespace, in creation order."""
+        return (
+            self.underlay_netns,
+            *(n.netns for n in self.nodes),
+            *(p.netns for p in self.pods),
+        )
+
+    def node(self, name: str) -> Node:
+        for node in self.nodes:
+            if node.name == name:
+                return node
+        raise LabError(f"no node {name!r} in the lab")
+
+    def pod(self, key: str) -> Pod:
+        for pod in self.pods:
+            if pod.key == key:
+                return pod
+        raise LabError(f"no pod {key!r} in the lab (pods: {', '.join(p.key for p in self.pods)})")
+
+    def pods_of(self, node: str) -> tuple[Pod, ...]:
+        return tuple(p for p in self.pods if p.node == node)
+
+
+# (key, app, node letter, namespace), in address order per node.
+POD_SPECS: tuple[tuple[str, str, str, str], ...] = (
+    ("a-sleep", "sleep", "a", ENROLLED_NAMESPACE),
+    ("a-echo", "echo", "a", ENROLLED_NAMESPACE),
+    ("a-legacy", "legacy", "a", LEGACY_NAMESPACE),
+    ("b-echo", "echo", "b", ENROLLED_NAMESPACE),
+    ("b-legacy", "legacy", "b", LEGACY_NAMESPACE),
+)
+NODE_LETTERS = ("a", "b")
+
+
+def _network(value: str, what: str) -> ipaddress.IPv4Network:
+    try:
+        net = ipaddress.ip_network(value, strict=True)
+    except ValueError as exc:
+        raise LabError(f"{what} {value!r}: {exc}") from None
+    if not isinstance(net, ipaddress.IPv4Network):
+        raise LabError(f"{what} {value!r}: only IPv4 ranges are supported")
+    return net
+
+
+def make_plan(settings: Settings) -> Plan:
+    """The whole lab from its settings; raises `LabError` for settings that cannot work."""
+    prefix = settings.prefix
+    if not _PREFIX_RE.match(prefix):
+        raise LabError(
+            f"prefix {prefix!r}: 1 to 8 characters, lower-case letters, digits and '-', "
+            "starting with a letter (names must fit Linux's 15-character interface names)"
+        )
+    pods_net = _network(settings.pod_cidr, "--pod-cidr")
+    underlay = _network(settings.underlay_cidr, "--underlay-cidr")
+    if pods_net.prefixlen > 22:
+        raise LabError(f"--pod-cidr {pods_net}: must be /22 or larger (one /24 per node + VIPs)")
+    if underlay.prefixlen > 27:
+        raise LabError(f"--underlay-cidr {underlay}: must be /27 or larger")
+    if pods_net.overlaps(underlay):
+        raise LabError(f"--pod-cidr {pods_net} and --underlay-cidr {underlay} overlap")
+    node_ranges = list(pods_net.subnets(new_prefix=24))
+    nodes = tuple(
+        Node(
+            name=f"node-{letter}",
+            letter=letter,
+            netns=f"{prefix}node-{letter}",
+            ip=str(underlay.network_address + 11 + i),
+            underlay_port=f"{prefix}node-{letter}",
+            pod_cidr=str(node_ranges[i + 1]),
+        )
+        for i, letter in enumerate(NODE_LETTERS)
+    )
+    pods: list[Pod] = []
+    for letter in NODE_LETTERS:
+        node = next(n for n in nodes if n.letter == letter)
+        base = ipaddress.ip_network(node.pod_cidr).network_address
+        specs = [s for s in POD_SPECS if s[2] == letter]
+        for index, (key, app, _, namespace) in enumerate(specs):
+            pods.append(
+                Pod(
+                    key=key,
+                    app=app,
+                    node=node.name,
+                    namespace=namespace,
+                    netns=f"{prefix}{key}",
+                    ip=str(base + 10 + index),
+                    host_veth=f"{prefix}{key}",
+                )
+            )
+    for name in (*(p.host_veth for p in pods), *(n.underlay_port for n in nodes)):
+        if len(name) > MAX_IFNAME:
+            raise LabError(f"interface name {name!r} is longer than {MAX_IFNAME} characters")
+    return Plan(
+        settings=settings,
+        underlay_netns=f"{prefix}underlay",
+        bridge=f"{prefix}br",
+        nodes=nodes,
+        pods=tuple(pods),
+        service_vip=str(node_ranges[-1].network_address + 1),
+    )
