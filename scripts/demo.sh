@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# Set up, then run the ztagent demo. Extra arguments go to the demo.
+# Set up, then build the ambient lab (two nodes, five pods, eBPF capture, HBONE between the
+# nodes) and run its demo. Needs root. Running it again rebuilds the lab.
+# Extra arguments go to `ztagent lab up` and `ztagent lab demo` (e.g. --prefix, --dir).
 set -euo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO_ROOT"
 
 ./scripts/setup.sh
-exec "$REPO_ROOT/.venv/bin/python" -m ztagent.demo "$@"
+"$REPO_ROOT/.venv/bin/ztagent" lab up "$@"
+exec "$REPO_ROOT/.venv/bin/ztagent" lab demo "$@"

@@ -16,8 +16,24 @@ APT_PACKAGES=(
     gcc
     openssl
     iproute2
+    python3-bpfcc
 )
 APT_PACKAGES+=("$@")
+
+# Kernel headers for BCC: the running kernel's own package when Debian has it, else Debian's
+# cloud kernel headers (BCC compiles against them through a merged build tree; see
+# ztagent/redirect/bccenv.py).
+kernel_headers_package() {
+    local own="linux-headers-$(uname -r)"
+    if [[ -d "/lib/modules/$(uname -r)/build" ]]; then
+        return
+    fi
+    if apt-cache show "$own" >/dev/null 2>&1; then
+        echo "$own"
+    else
+        echo "linux-headers-cloud-amd64"
+    fi
+}
 
 VENV="$REPO_ROOT/.venv"
 PYTHON=/usr/bin/python3
@@ -46,7 +62,12 @@ install_apt_packages() {
         log "not a Debian-like system: skipping apt packages (${APT_PACKAGES[*]})"
         return
     fi
-    local missing=() pkg
+    local missing=() pkg headers
+    if ! apt-cache show linux-headers-cloud-amd64 >/dev/null 2>&1; then
+        as_root apt-get update -qq
+    fi
+    headers="$(kernel_headers_package)"
+    [[ -n "$headers" ]] && APT_PACKAGES+=("$headers")
     for pkg in "${APT_PACKAGES[@]}"; do
         is_installed "$pkg" || missing+=("$pkg")
     done
@@ -85,6 +106,20 @@ install_python_packages() {
     touch "$INSTALL_STAMP"
 }
 
+enable_bcc() {
+    # Debian's bcc module (only it, not all of dist-packages) in the virtualenv, and the
+    # kernel build tree BCC compiles against.
+    local site
+    site="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+    if [[ -d /usr/lib/python3/dist-packages/bcc && ! -e "$site/bcc" ]]; then
+        ln -sfn /usr/lib/python3/dist-packages/bcc "$site/bcc"
+    fi
+    if [[ $(id -u) -eq 0 ]]; then
+        "$VENV/bin/python" -m ztagent.redirect.bccenv >/dev/null || log "eBPF capture unavailable here (see: .venv/bin/python -m ztagent.redirect.bccenv)"
+    fi
+}
+
 install_apt_packages
 create_venv
 install_python_packages
+enable_bcc
