@@ -8,20 +8,27 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
+import http.client
 import json
 import os
+import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from ztagent.lab import apps, netns, state
-from ztagent.lab.topology import Settings, make_plan
+from ztagent.lab import apps, command, demo, netns, state
+from ztagent.lab.command import read_config, write_config
+from ztagent.lab.topology import APP_PORT, Node, Plan, Pod, Settings, make_plan
 
 PREFIX = "ztlt-"
 POD_CIDR = "10.246.0.0/17"
@@ -221,3 +228,340 @@ def test_demo_passes(lab_dir: Path) -> None:
     )
     assert demo.returncode == 0, demo.stdout + demo.stderr + logs
     assert "7/7 checks passed" in demo.stdout
+
+
+# --------------------------------------------------------------------------- capture at runtime
+
+
+def lab_up_with_capture(directory: Path) -> Plan:
+    if not _capture_flag():
+        pytest.skip("`ztagent node` has no --capture yet")
+    done = lab(directory, "up")
+    assert done.returncode == 0, done.stdout + done.stderr
+    st = state.load(directory / "state.json")
+    assert st is not None and st.capture, "the lab's agents run without --capture"
+    return make_plan(settings(directory))
+
+
+def node_logs(plan: Plan) -> str:
+    return "\n".join(
+        f"--- {node.name}\n{plan.log_path(node.name).read_text(errors='replace')[-3000:]}"
+        for node in plan.nodes
+        if plan.log_path(node.name).exists()
+    )
+
+
+def peer_seen(source: Pod, dest: Pod, path: str) -> str:
+    """The address `dest`'s echo app saw for a call from `source`."""
+    answer = call_from(source.netns, dest.ip, APP_PORT, path)
+    assert answer["pod"] == dest.key, answer
+    return str(answer["peer"]).rsplit(":", 1)[0]
+
+
+def wait_until(check: Callable[[], bool], timeout: float, step: float = 0.2) -> bool:
+    deadline = time.monotonic() + timeout
+    while True:
+        if check():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(step)
+
+
+def set_protocol(plan: Plan, key: str, protocol: str) -> None:
+    config = read_config(plan.config_path)
+    found = [w for w in config["workloads"] if w.get("name") == key]
+    assert len(found) == 1, f"{key} not in {plan.config_path}"
+    found[0]["protocol"] = protocol
+    write_config(plan.config_path, config)
+
+
+def tc_filters(node: Node, devices: list[str]) -> dict[str, list[str]]:
+    """The ids of the BPF programs on each device's ingress and egress hooks, as tc lists them."""
+    out: dict[str, list[str]] = {}
+    for dev in devices:
+        for hook in ("ingress", "egress"):
+            text = netns.exec_in(node.netns, ["tc", "filter", "show", "dev", dev, hook])
+            out[f"{dev} {hook}"] = re.findall(r"\bbpf\b.*?\bid (\d+)", text)
+    return out
+
+
+def test_unenrol_and_reenrol_at_runtime_without_reload(lab_dir: Path) -> None:
+    plan = lab_up_with_capture(lab_dir)
+    node_a = plan.node("node-a")
+    sleep, b_legacy = plan.pod("a-sleep"), plan.pod("b-legacy")
+    a_legacy = plan.pod("a-legacy")
+    devices = ["eth0", sleep.host_veth]
+    before = tc_filters(node_a, devices)
+    assert before[f"{sleep.host_veth} ingress"] and before["eth0 ingress"], before
+
+    # b-legacy is not enrolled: only node-a's capture can change what it sees.
+    assert peer_seen(sleep, b_legacy, "/enrolled") == node_a.ip, node_logs(plan)
+    assert peer_seen(a_legacy, b_legacy, "/legacy") == a_legacy.ip
+
+    set_protocol(plan, sleep.key, "TCP")
+    assert wait_until(lambda: peer_seen(sleep, b_legacy, "/unenrolled") == sleep.ip, 10.0), (
+        "a-sleep still captured 10s after its protocol became TCP\n" + node_logs(plan)
+    )
+
+    set_protocol(plan, sleep.key, "HBONE")
+    assert wait_until(lambda: peer_seen(sleep, b_legacy, "/reenrolled") == node_a.ip, 10.0), (
+        "a-sleep not captured again 10s after its protocol became HBONE\n" + node_logs(plan)
+    )
+    log = plan.log_path("node-a").read_text(errors="replace")
+    assert f"released ['{sleep.ip}']" in log and f"enrolled ['{sleep.ip}']" in log, log[-3000:]
+    assert tc_filters(node_a, devices) == before
+
+
+def test_same_node_enrolled_pods(lab_dir: Path) -> None:
+    plan = lab_up_with_capture(lab_dir)
+    node_a = plan.node("node-a")
+    sleep, a_echo = plan.pod("a-sleep"), plan.pod("a-echo")
+    assert peer_seen(sleep, a_echo, "/same-node") == node_a.ip, node_logs(plan)
+
+    size = 1024 * 1024
+    sent = apps.payload(size)
+    status, body = netns.run_in(
+        sleep.netns, lambda: apps.request(a_echo.ip, APP_PORT, "/upload", size, 15.0)
+    )
+    assert status == 200, body
+    answer = json.loads(body)
+    assert answer["received"] == size
+    assert answer["sha256"] == hashlib.sha256(sent).hexdigest()
+    assert str(answer["peer"]).rsplit(":", 1)[0] == node_a.ip
+    status, body = netns.run_in(
+        sleep.netns, lambda: apps.request(a_echo.ip, APP_PORT, f"/bytes/{size}", 0, 15.0)
+    )
+    assert status == 200 and hashlib.sha256(body).digest() == hashlib.sha256(sent).digest()
+
+    original = plan.config_path.read_bytes()
+    result = demo.check_policy(plan, sleep, a_echo, True)
+    assert result.ok, result.detail + "\n" + node_logs(plan)
+    assert "refused" in result.detail
+    assert plan.config_path.read_bytes() == original
+    assert peer_seen(sleep, a_echo, "/after-policy") == node_a.ip
+
+
+# --------------------------------------------------------------------------- agent killed
+
+
+class CountingListener:
+    """A TCP server in a pod's namespace that counts the connections it accepts and answers
+    each one's first bytes with b"pong:" + those bytes."""
+
+    def __init__(self, pod_netns: str, address: tuple[str, int]) -> None:
+        def bind() -> socket.socket:
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+            sock.listen(64)
+            sock.settimeout(0.2)
+            return sock
+
+        self.sock = netns.run_in(pod_netns, bind)
+        self.peers: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, peer = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.peers.append(peer[0])
+            with conn:
+                try:
+                    conn.settimeout(2.0)
+                    conn.sendall(b"pong:" + conn.recv(64))
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5.0)
+        self.sock.close()
+
+
+def dial(pod_netns: str, address: tuple[str, int], timeout: float = 3.0) -> bytes | str:
+    """Connect from a pod, send b"ping"; the answer, or the error as text."""
+
+    def run() -> bytes | str:
+        try:
+            with socket.create_connection(address, timeout=timeout) as sock:
+                sock.settimeout(timeout)
+                sock.sendall(b"ping")
+                answer = sock.recv(64)
+                return answer if answer else "closed without an answer"
+        except OSError as exc:
+            return f"{type(exc).__name__}: {exc}"
+
+    return netns.run_in(pod_netns, run, timeout * 2 + 5.0)
+
+
+def test_agent_killed_then_restarted(lab_dir: Path) -> None:
+    plan = lab_up_with_capture(lab_dir)
+    node_b = plan.node("node-b")
+    sleep, a_legacy, b_echo = plan.pod("a-sleep"), plan.pod("a-legacy"), plan.pod("b-echo")
+    target = (b_echo.ip, 9090)
+    listener = CountingListener(b_echo.netns, target)
+    try:
+        assert dial(sleep.netns, target) == b"pong:ping", node_logs(plan)
+        assert listener.peers == [node_b.ip]
+
+        st = state.load(plan.state_path)
+        assert st is not None
+        agent = next(p for p in reversed(st.processes) if p.name == node_b.name)
+        assert state.is_running(agent.pid, agent.start_time)
+        os.kill(agent.pid, signal.SIGKILL)
+        assert wait_until(lambda: not state.is_running(agent.pid, agent.start_time), 10.0)
+
+        listener.peers.clear()
+        for source in (sleep, a_legacy):
+            started = time.monotonic()
+            outcome = dial(source.netns, target, 3.0)
+            assert isinstance(outcome, str), f"{source.key} got {outcome!r} with no agent"
+            assert time.monotonic() - started < 10.0
+            with pytest.raises((OSError, http.client.HTTPException)):
+                netns.run_in(
+                    source.netns, lambda: apps.request(b_echo.ip, APP_PORT, "/no-agent", 0, 3.0)
+                )
+        time.sleep(1.0)
+        assert listener.peers == [], "connections reached b-echo while node-b had no agent"
+
+        records = {p.name: p for p in st.processes}
+        env = {k: v for k, v in os.environ.items() if k not in command.AGENT_ENV_DROPPED}
+        records[node_b.name] = command.start_process(
+            plan, st, node_b.name, node_b.netns, command.agent_command(plan, node_b, True), env
+        )
+        command.wait_agents(plan, records)
+
+        flows = wait_until(lambda: dial(sleep.netns, target) == b"pong:ping", 20.0)
+        assert flows, "no answer 20s after node-b's agent restarted\n" + node_logs(plan)
+        assert set(listener.peers) == {node_b.ip}
+        assert dial(a_legacy.netns, target) == b"pong:ping"
+        assert peer_seen(sleep, b_echo, "/restarted") == node_b.ip
+    finally:
+        listener.close()
+
+
+# --------------------------------------------------------------------------- start-up errors
+
+SCRATCH_NETNS = f"{PREFIX}x"
+
+
+@contextlib.contextmanager
+def scratch_netns() -> Iterator[str]:
+    """A namespace with lo and an `eth0` (one end of a veth pair), deleted on the way out."""
+    with exclusive():
+        netns.delete_netns(SCRATCH_NETNS)
+        netns.add_netns(SCRATCH_NETNS)
+        try:
+            netns.ip(
+                "link", "add", "eth0", "type", "veth", "peer", "name", "eth1", netns=SCRATCH_NETNS
+            )
+            netns.ip("link", "set", "eth0", "up", netns=SCRATCH_NETNS)
+            yield SCRATCH_NETNS
+        finally:
+            for pid in netns.netns_pids(SCRATCH_NETNS):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            netns.delete_netns(SCRATCH_NETNS)
+            assert SCRATCH_NETNS not in netns.list_netns()
+
+
+@pytest.fixture
+def world_readable_dir() -> Iterator[Path]:
+    """A directory another user can read (pytest's tmp_path is root's alone), with a config."""
+    directory = Path(tempfile.mkdtemp(prefix="ztlt-start-"))
+    try:
+        directory.chmod(0o755)
+        config = directory / "config.yaml"
+        config.write_text("workloads: []\nservices: []\npolicies: []\n")
+        config.chmod(0o644)
+        yield directory
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def agent_start(
+    ns: str, directory: Path, prefix: list[str], env: dict[str, str], timeout: float = 60.0
+) -> tuple[int | None, str]:
+    """Start `ztagent node --capture` in `ns`; (exit status or None if still running after
+    `timeout` or once it reported having started, stderr + stdout)."""
+    out_path = directory / "agent.out"
+    node = [
+        sys.executable,
+        "-m",
+        "ztagent",
+        "node",
+        "--capture",
+        "--local-xds-path",
+        str(directory / "config.yaml"),
+        "--node-name",
+        "node-x",
+        "--ca-dir",
+        str(directory / "ca"),
+        "--socks5-addr",
+        "off",
+    ]
+    with out_path.open("wb") as out:
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", ns, *prefix, *node],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+    try:
+        deadline = time.monotonic() + timeout
+        while proc.poll() is None and time.monotonic() < deadline:
+            if "node agent node-x started" in out_path.read_text(errors="replace"):
+                break
+            time.sleep(0.2)
+        code = proc.poll()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+    return code, out_path.read_text(errors="replace")
+
+
+def error_lines(output: str) -> list[str]:
+    return [line for line in output.splitlines() if line.startswith("ztagent: error:")]
+
+
+def test_capture_as_non_root_fails_clearly(world_readable_dir: Path) -> None:
+    if not _capture_flag():
+        pytest.skip("`ztagent node` has no --capture yet")
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv (util-linux) is missing")
+    ca = world_readable_dir / "ca"
+    ca.mkdir()
+    os.chown(ca, 65534, 65534)
+    drop = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    with scratch_netns() as ns:
+        code, output = agent_start(ns, world_readable_dir, drop, dict(os.environ))
+        filters = netns.exec_in(ns, ["tc", "filter", "show", "dev", "eth0", "ingress"])
+    assert code not in (None, 0), output
+    errors = error_lines(output)
+    assert len(errors) == 1 and "root" in errors[0], output
+    assert "Traceback" not in output
+    assert filters.strip() == ""
+
+
+def test_capture_without_kernel_headers_fails_clearly(world_readable_dir: Path) -> None:
+    if not _capture_flag():
+        pytest.skip("`ztagent node` has no --capture yet")
+    empty = world_readable_dir / "no-headers"
+    empty.mkdir()
+    env = {**os.environ, "BCC_KERNEL_SOURCE": str(empty)}
+    with scratch_netns() as ns:
+        code, output = agent_start(ns, world_readable_dir, [], env)
+    assert code not in (None, 0), output
+    errors = error_lines(output)
+    assert len(errors) == 1 and "linux-headers" in errors[0], output
+    assert "Traceback" not in output

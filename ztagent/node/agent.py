@@ -38,6 +38,7 @@ from ztagent.proxy.relay import PlainRelay
 from ztagent.proxy.socks5 import ConnectRequested, Failed, NeedMore, Reply, Socks5Handshake
 from ztagent.rbac import ConnectionAttributes, Verdict, evaluate
 from ztagent.redirect import Capture
+from ztagent.redirect.checks import check_all
 from ztagent.telemetry.accesslog import AccessLog, ConnectionRecord
 from ztagent.telemetry.admin import (
     Readiness,
@@ -89,6 +90,9 @@ def _forwarded_for(request: InboundRequest) -> str | None:
 class NodeAgent:
     def __init__(self, settings: NodeSettings) -> None:
         self.settings = settings
+        if settings.capture:
+            # Before anything is written or opened: a machine that cannot capture says so.
+            check_all(settings.kernel_headers)
         self.state = ProxyState(settings.node_name, root_namespace=settings.root_namespace)
         self.metrics = Metrics()
         self.access_log = AccessLog()
@@ -127,7 +131,7 @@ class NodeAgent:
         loop = asyncio.get_running_loop()
         if s.capture:
             # First, so a machine that cannot capture says so before anything listens.
-            self.capture = Capture(mark=s.mark)
+            self.capture = Capture(mark=s.mark, headers=s.kernel_headers)
             self.capture.start(devices=[s.uplink])
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)

@@ -42,6 +42,7 @@ class NodeSettings:
     uplink: str = "eth0"
     # SO_MARK on the agent's own connections, so capture never steers them back to it.
     mark: int = 0x539
+    kernel_headers: str | None = None
 
 
 # (flag, environment variable or None, default, help)
@@ -102,6 +103,12 @@ _FLAGS: list[tuple[str, str | None, str, str]] = [
     ("--drain-timeout", None, "5", "seconds open connections may take to finish on shutdown"),
     ("--uplink", None, "eth0", "the node's uplink device, for inbound capture (with --capture)"),
     ("--mark", None, "0x539", "SO_MARK of the agent's own connections (with --capture)"),
+    (
+        "--kernel-headers",
+        "BCC_KERNEL_SOURCE",
+        "",
+        "kernel build tree BCC compiles against (default: found, or built from Debian's headers)",
+    ),
 ]
 
 
@@ -192,4 +199,5 @@ def from_args(args: argparse.Namespace) -> NodeSettings:
         capture=bool(getattr(args, "capture", False)),
         uplink=v("--uplink"),
         mark=mark,
+        kernel_headers=v("--kernel-headers") or None,
     )

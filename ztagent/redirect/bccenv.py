@@ -119,6 +119,9 @@ def kernel_build_tree(
     find it by itself. Returns the tree, or None when BCC's own search succeeds
     (/lib/modules/<release>/build or /sys/kernel/kheaders.tar.xz)."""
     release = platform.release()
+    if explicit is None and os.environ.get("BCC_KERNEL_SOURCE"):
+        # Set by the user: it must be a kernel tree; never quietly replaced by another one.
+        explicit = os.environ["BCC_KERNEL_SOURCE"]
     if explicit is not None:
         path = Path(explicit)
         if not is_kernel_tree(path):
@@ -128,9 +131,6 @@ def kernel_build_tree(
             )
         os.environ["BCC_KERNEL_SOURCE"] = str(path)
         return path
-    env = os.environ.get("BCC_KERNEL_SOURCE")
-    if env and is_kernel_tree(Path(env)):
-        return Path(env)
     if is_kernel_tree(Path("/lib/modules") / release / "build"):
         return None
     if Path("/sys/kernel/kheaders.tar.xz").is_file():
