@@ -719,7 +719,7 @@ def print_report(configs: list[Config], settings: Settings) -> None:
             measured = config.runs.get(metric.key)
             if measured:
                 runs = " ".join(fmt(v, metric.digits) for v in measured)
-                print(f"  {metric.key:<16}{config.name:<13}{runs}")
+                print(f"  {metric.key:<18}{config.name:<13}{runs}")
     noted = [c for c in configs if c.notes]
     if noted:
         print()
