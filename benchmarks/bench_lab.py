@@ -39,7 +39,7 @@ from benchmarks import certs as bench_certs
 from benchmarks import loadgen
 from benchmarks.bench_tunnels import Settings, environment, percentile
 from benchmarks.certs import CertSet
-from benchmarks.common import raise_nofile_limit
+from benchmarks.common import Metric, raise_nofile_limit
 from benchmarks.pairs import REPO_ROOT, Launcher, Proc
 from ztagent.lab import netns, state
 from ztagent.lab.topology import Plan, Pod, make_plan
@@ -346,15 +346,6 @@ def start_stunnel_chain(
 
 
 # --------------------------------------------------------------------------- paths
-
-
-@dataclass(frozen=True)
-class Metric:
-    key: str
-    title: str
-    unit: str
-    higher_is_better: bool
-    digits: int
 
 
 METRICS = [

@@ -47,7 +47,7 @@ from benchmarks.bench_tunnels import (
     settle_time_wait,
     tool_version,
 )
-from benchmarks.common import LOOPBACK, raise_nofile_limit, run_server_forever
+from benchmarks.common import LOOPBACK, Metric, raise_nofile_limit, run_server_forever
 from benchmarks.pairs import (
     Chain,
     HbonePair,
@@ -106,15 +106,6 @@ class Settings:
         if quick:
             return cls(quick, runs, 2.0, 0.25, 8 << 30, 2, 0, 1.5, 32, 30_000, 3_000, 1.0)
         return cls(quick, runs, 5.0, 0.5, 32 << 30, 5, 1, 5.0, 32, 100_000, 20_000, 3.0)
-
-
-@dataclass(frozen=True)
-class Metric:
-    key: str
-    title: str
-    unit: str
-    higher_is_better: bool
-    digits: int
 
 
 METRICS = [

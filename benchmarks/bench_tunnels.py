@@ -33,7 +33,7 @@ import uvloop
 
 from benchmarks import certs as bench_certs
 from benchmarks import loadgen
-from benchmarks.common import LOOPBACK, free_port, raise_nofile_limit
+from benchmarks.common import LOOPBACK, Metric, free_port, raise_nofile_limit
 from benchmarks.pairs import (
     ALL_PAIRS,
     DEFAULT_PAIRS,
@@ -71,15 +71,6 @@ class Settings:
         if quick:
             return cls(quick, runs, 2, 0, 1.5, 32, 30_000, 500, 1.0, 3_000, 1.0, idle_conns)
         return cls(quick, runs, 5, 1, 5.0, 32, 100_000, 3_000, 3.0, 20_000, 3.0, idle_conns)
-
-
-@dataclass(frozen=True)
-class Metric:
-    key: str
-    title: str
-    unit: str
-    higher_is_better: bool
-    digits: int
 
 
 METRICS = [

@@ -9,6 +9,7 @@ import resource
 import signal
 import socket
 from collections.abc import Coroutine
+from dataclasses import dataclass
 from typing import Any
 
 import uvloop
@@ -60,3 +61,14 @@ def run_server_forever(main: Coroutine[Any, Any, None], max_seconds: float) -> N
         runner.run(wrapper())
     # Skip interpreter tear-down of thousands of sockets: the process is done.
     os._exit(0)
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One figure a benchmark reports, and how to read it."""
+
+    key: str
+    title: str
+    unit: str
+    higher_is_better: bool
+    digits: int
