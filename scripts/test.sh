@@ -26,7 +26,7 @@ run() {
 run "ruff check" "$VENV_BIN/ruff" check .
 run "ruff format --check" "$VENV_BIN/ruff" format --check .
 run "mypy" "$VENV_BIN/mypy"
-run "pytest" "$VENV_BIN/python" -m pytest -q "$@"
+run "pytest" "$VENV_BIN/python" -m pytest -q -rs "$@"  # -rs: every skip says why
 
 if [[ ${#failed[@]} -ne 0 ]]; then
     printf '==> FAILED: %s\n' "${failed[*]}" >&2
