@@ -28,8 +28,6 @@ from typing import cast
 log = logging.getLogger(__name__)
 
 RECEIVE_BUFFER_SIZE = 256 * 1024
-# Room left in front of a plaintext read so a DATA frame header can be written in place.
-FRAME_GAP = 9
 WRITE_HIGH_WATER = 1 << 20
 WRITE_LOW_WATER = 256 * 1024
 JOIN_LIMIT = 256 * 1024
@@ -251,10 +249,6 @@ class TlsTransport:
     @property
     def closed(self) -> bool:
         return self._closed
-
-    @property
-    def write_buffer_size(self) -> int:
-        return len(self._pending)
 
     # ------------------------------------------------------------------------ reading
 
