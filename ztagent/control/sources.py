@@ -1,0 +1,250 @@
+"""Kubernetes and Istio resources read from a directory of YAML files.
+
+A directory holds any number of `.yaml`, `.yml` and `.json` files (searched recursively, hidden
+entries skipped, so a mounted ConfigMap's `..data` links are read once), each with one or more
+documents separated by `---` lines, as `kubectl apply -f DIR` accepts them. Every document
+must be a mapping with `apiVersion`, `kind` and `metadata.name`; the reader checks only that
+envelope, the translation checks the rest.
+
+Errors never stop the read: a file that cannot be read, a document that is not YAML or lacks
+its envelope, is reported as a `ResourceError` naming the file and the document's index (0 for
+the first document of the file, counting only documents that hold something), and every other
+document is still returned. Documents are split on their `---` lines before parsing, so a
+syntax error in one document does not hide the documents after it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ztagent.model.localconfig import MAX_CONFIG_BYTES, ObjectError
+
+SUFFIXES = (".yaml", ".yml", ".json")
+
+_DOCUMENT_START = re.compile(r"^---(?:[ \t].*)?$")
+_DOCUMENT_END = re.compile(r"^\.\.\.[ \t]*$")
+_BLANK_OR_COMMENT = re.compile(r"^\s*(?:#.*)?$")
+
+
+@dataclass(frozen=True, slots=True)
+class ResourceError(ObjectError):
+    """An error about one resource (or one file), as an `ObjectError` the agent can show.
+
+    `kind` is the resource's kind (`""` when the document has none), `key` its `ns/name`
+    (just `name` for cluster-scoped kinds), `path` the field path inside the document,
+    `file` and `index` where the document was read from.
+    """
+
+    file: str = ""
+
+    @property
+    def location(self) -> str:
+        """`file#index`, or the file alone for an error about the whole file."""
+        if not self.file:
+            return "" if self.index is None else f"#{self.index}"
+        return self.file if self.index is None else f"{self.file}#{self.index}"
+
+    def __str__(self) -> str:
+        if self.kind and self.key:
+            head = f"{self.kind} {self.key}"
+        elif self.kind:
+            head = self.kind
+        else:
+            head = self.location or "<input>"
+        text = f"{head}: {self.path}: {self.reason}" if self.path else f"{head}: {self.reason}"
+        if (self.kind or self.key) and self.location:
+            text += f" ({self.location})"
+        return text
+
+
+@dataclass(frozen=True, slots=True)
+class Resource:
+    """One document with a valid envelope; `body` is the whole parsed document."""
+
+    file: str
+    index: int
+    api_version: str
+    kind: str
+    name: str
+    namespace: str
+    """`metadata.namespace`, or `""` when the document does not give one."""
+    body: Mapping[str, Any]
+
+    @property
+    def group(self) -> str:
+        """The API group: `""` for the core group (`v1`), else the part before the `/`."""
+        group, slash, _ = self.api_version.rpartition("/")
+        return group if slash else ""
+
+    @property
+    def location(self) -> str:
+        return f"{self.file}#{self.index}"
+
+
+@dataclass(frozen=True, slots=True)
+class SourceBatch:
+    """Everything read from one file or directory: the resources and the errors."""
+
+    resources: tuple[Resource, ...] = ()
+    errors: tuple[ResourceError, ...] = ()
+
+
+def _split(text: str) -> Iterator[tuple[int, str]]:
+    """The documents of a YAML stream with the line each starts on (1-based)."""
+    lines = text.splitlines(keepends=True)
+    start = 0
+    chunk: list[str] = []
+    for number, line in enumerate(lines):
+        stripped = line.rstrip("\r\n")
+        if _DOCUMENT_START.match(stripped):
+            yield start + 1, "".join(chunk)
+            # Content after `--- ` on the same line belongs to the new document.
+            rest = stripped[3:].strip()
+            chunk = [rest + "\n"] if rest and not rest.startswith("#") else []
+            start = number
+            continue
+        if _DOCUMENT_END.match(stripped):
+            yield start + 1, "".join(chunk)
+            chunk = []
+            start = number + 1
+            continue
+        chunk.append(line)
+    yield start + 1, "".join(chunk)
+
+
+def _has_content(chunk: str) -> bool:
+    return any(not _BLANK_OR_COMMENT.match(line) for line in chunk.splitlines())
+
+
+def _yaml_problem(exc: yaml.YAMLError, first_line: int) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None)
+    if mark is not None and problem:
+        return f"not valid YAML: {problem} at line {first_line + mark.line}"
+    return "not valid YAML: " + " ".join(str(exc).split())
+
+
+def _envelope(document: object, file: str, index: int) -> Resource | ResourceError:
+    def error(path: str, reason: str, kind: str = "", key: str | None = None) -> ResourceError:
+        return ResourceError(kind, index, key, path, reason, file)
+
+    if not isinstance(document, dict):
+        what = "a list" if isinstance(document, list) else type(document).__name__
+        return error("", f"a resource must be a mapping, got {what}")
+    kind = document.get("kind")
+    api_version = document.get("apiVersion")
+    metadata = document.get("metadata")
+    if not isinstance(kind, str) or not kind:
+        return error("kind", "is required (a non-empty string)")
+    if not isinstance(api_version, str) or not api_version:
+        return error("apiVersion", "is required (a non-empty string)", kind)
+    if not isinstance(metadata, dict):
+        return error("metadata", "is required (a mapping with a name)", kind)
+    name = metadata.get("name")
+    if not isinstance(name, str) or not name:
+        return error("metadata.name", "is required (a non-empty string)", kind)
+    namespace = metadata.get("namespace")
+    if namespace is None:
+        namespace = ""
+    if not isinstance(namespace, str):
+        return error("metadata.namespace", "must be a string", kind, name)
+    return Resource(file, index, api_version, kind, name, namespace, document)
+
+
+def parse_documents(text: str | bytes, file: str = "<input>") -> SourceBatch:
+    """Read every document of one YAML (or JSON) stream; `file` names it in errors."""
+    if len(text) > MAX_CONFIG_BYTES:
+        error = ResourceError("", None, None, "", f"larger than {MAX_CONFIG_BYTES} bytes", file)
+        return SourceBatch(errors=(error,))
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            error = ResourceError("", None, None, "", f"not UTF-8 text: {exc.reason}", file)
+            return SourceBatch(errors=(error,))
+    resources: list[Resource] = []
+    errors: list[ResourceError] = []
+    index = 0
+    for first_line, chunk in _split(text):
+        if not _has_content(chunk):
+            continue
+        try:
+            document = yaml.safe_load(chunk)
+        except yaml.YAMLError as exc:
+            errors.append(ResourceError("", index, None, "", _yaml_problem(exc, first_line), file))
+            index += 1
+            continue
+        except (RecursionError, ValueError, TypeError, OverflowError) as exc:
+            errors.append(ResourceError("", index, None, "", f"not valid YAML: {exc}", file))
+            index += 1
+            continue
+        if document is None:
+            continue
+        result = _envelope(document, file, index)
+        if isinstance(result, Resource):
+            resources.append(result)
+        else:
+            errors.append(result)
+        index += 1
+    return SourceBatch(tuple(resources), tuple(errors))
+
+
+def _files(root: Path) -> Iterator[Path]:
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if not name.startswith(".") and name.endswith(SUFFIXES):
+                yield Path(dirpath) / name
+
+
+def read_file(path: str | Path, *, name: str | None = None) -> SourceBatch:
+    """Read one file; `name` (default: the path) is how errors and resources name it."""
+    label = str(path) if name is None else name
+    try:
+        size = os.stat(path).st_size
+        if size > MAX_CONFIG_BYTES:
+            reason = f"larger than {MAX_CONFIG_BYTES} bytes"
+            return SourceBatch(errors=(ResourceError("", None, None, "", reason, label),))
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        reason = f"cannot read: {exc.strerror or exc}"
+        return SourceBatch(errors=(ResourceError("", None, None, "", reason, label),))
+    return parse_documents(data, label)
+
+
+def read_directory(root: str | Path) -> SourceBatch:
+    """Read every YAML/JSON file under `root` in name order; files are named relative to it.
+
+    A `root` that is a file is read alone. A missing or unreadable `root` is one error.
+    """
+    root = Path(root)
+    if root.is_file():
+        return read_file(root, name=root.name)
+    if not root.is_dir():
+        reason = "no such directory" if not root.exists() else "not a directory"
+        return SourceBatch(errors=(ResourceError("", None, None, "", reason, str(root)),))
+    resources: list[Resource] = []
+    errors: list[ResourceError] = []
+    for path in _files(root):
+        batch = read_file(path, name=path.relative_to(root).as_posix())
+        resources.extend(batch.resources)
+        errors.extend(batch.errors)
+    return SourceBatch(tuple(resources), tuple(errors))
+
+
+__all__ = [
+    "SUFFIXES",
+    "Resource",
+    "ResourceError",
+    "SourceBatch",
+    "parse_documents",
+    "read_directory",
+    "read_file",
+]
