@@ -15,6 +15,7 @@ Handler = Callable[[argparse.Namespace], int]
 
 def build_parser() -> argparse.ArgumentParser:
     from ztagent import ctl as ctl_command
+    from ztagent.control import analyze as analyze_command
     from ztagent.hbone import command as hbone_command
     from ztagent.identity import command as ca_command
     from ztagent.lab import command as lab_command
@@ -41,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     node_command.register(sub)
     ctl_command.register(sub)
     lab_command.register(sub)
+    analyze_command.register(sub)
     return parser
 
 
