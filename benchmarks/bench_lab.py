@@ -37,7 +37,7 @@ import uvloop
 
 from benchmarks import certs as bench_certs
 from benchmarks import loadgen
-from benchmarks.bench_tunnels import Settings, environment, percentile
+from benchmarks.bench_tunnels import Settings, environment, percentile, run_iperf
 from benchmarks.certs import CertSet
 from benchmarks.common import Metric, raise_nofile_limit
 from benchmarks.pairs import REPO_ROOT, Launcher, Proc
@@ -442,29 +442,6 @@ def proc_group(procs: Sequence[Proc]) -> Callable[[], list[psutil.Process]]:
 # --------------------------------------------------------------------------- measurements
 
 
-def run_iperf(
-    src_netns: str, binary: str, target: tuple[str, int], seconds: int, omit: int, streams: int
-) -> float:
-    """Gbit/s received by the server; raises BenchError on failure."""
-    argv = ["ip", "netns", "exec", src_netns, binary, "-c", target[0], "-p", str(target[1])]
-    argv += ["-t", str(seconds), "-P", str(streams), "-J", "--connect-timeout", "5000"]
-    if omit:
-        argv += ["-O", str(omit)]
-    try:
-        done = subprocess.run(
-            argv, capture_output=True, text=True, timeout=seconds + omit + 30, check=False
-        )
-    except subprocess.TimeoutExpired as exc:
-        raise BenchError("iperf3 client timed out") from exc
-    try:
-        report = json.loads(done.stdout)
-    except json.JSONDecodeError as exc:
-        raise BenchError(f"iperf3: {done.stderr.strip() or done.stdout[-300:]}") from exc
-    if "error" in report:
-        raise BenchError(f"iperf3: {report['error']}")
-    return float(report["end"]["sum_received"]["bits_per_second"]) / 1e9
-
-
 def with_cpu(path: LabPath, action: Callable[[], Any]) -> tuple[Any, float, float]:
     """Run ``action``; also return the relays' CPU seconds and their % of one core."""
     cpu0, t0 = path.relay_cpu(), time.perf_counter()
@@ -486,17 +463,18 @@ def measure_throughput(path: LabPath, settings: Settings, binary: str | None) ->
 
         def action(streams: int = streams) -> float:
             return run_iperf(
-                path.src.netns,
                 binary,
-                target,
+                target[1],
                 settings.throughput_seconds,
                 settings.throughput_omit,
                 streams,
+                host=target[0],
+                netns=path.src.netns,
             )
 
         try:
             gbits, _, cpu = with_cpu(path, action)
-        except BenchError as exc:
+        except (BenchError, RuntimeError) as exc:
             path.notes.append(f"{key}: {exc}")
             print(f"    {key}: {exc}", flush=True)
             path.iperf.restart()

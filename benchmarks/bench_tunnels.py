@@ -171,9 +171,20 @@ class IperfServer:
         self.start()
 
 
-def run_iperf(binary: str, port: int, seconds: int, omit: int, streams: int) -> float:
-    """Gbit/s received by the server; raises RuntimeError on failure."""
-    argv = [binary, "-c", LOOPBACK, "-p", str(port), "-t", str(seconds), "-P", str(streams)]
+def run_iperf(
+    binary: str,
+    port: int,
+    seconds: int,
+    omit: int,
+    streams: int,
+    *,
+    host: str = LOOPBACK,
+    netns: str | None = None,
+) -> float:
+    """Gbit/s received by the server (the client runs in `netns` when given); raises
+    RuntimeError on failure."""
+    argv = ["ip", "netns", "exec", netns] if netns else []
+    argv += [binary, "-c", host, "-p", str(port), "-t", str(seconds), "-P", str(streams)]
     argv += ["-J", "--connect-timeout", "5000"]
     if omit:
         argv += ["-O", str(omit)]

@@ -33,7 +33,6 @@ Resource kinds that play no part here are ignored. Pure: no I/O.
 from __future__ import annotations
 
 import ipaddress
-import json
 import logging
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -42,6 +41,7 @@ from typing import Any
 
 from ztagent.control.sources import Resource, ResourceError
 from ztagent.identity.spiffe import DEFAULT_TRUST_DOMAIN, Identity, InvalidIdentity
+from ztagent.model.fields import Invalid, join, show, type_name
 from ztagent.model.localconfig import ConfigSnapshot
 from ztagent.model.policy import (
     Action,
@@ -124,46 +124,15 @@ class Translation:
     notes: tuple[ResourceError, ...] = ()
 
 
-class _Invalid(Exception):
-    def __init__(self, path: str, reason: str) -> None:
-        super().__init__(f"{path}: {reason}")
-        self.path = path
-        self.reason = reason
-
-
-# --- reading untrusted fields ---------------------------------------------------------------
-
-
-def _show(value: object) -> str:
-    try:
-        text = json.dumps(value, ensure_ascii=False, default=str)
-    except (TypeError, ValueError, RecursionError):
-        text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
 def _type_name(value: object) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int | float):
+    # Kubernetes objects say "a number" for any number (its schema's own wording).
+    if isinstance(value, int) and not isinstance(value, bool):
         return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, dict):
-        return "a mapping"
-    return type(value).__name__
+    return type_name(value)
 
 
 def _at(path: str, key: str | int) -> str:
-    if isinstance(key, int):
-        return f"{path}[{key}]"
-    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
-        return f"{path}[{json.dumps(key)}]"
-    return f"{path}.{key}" if path else key
+    return join(path, key, quote_odd=True)
 
 
 def _map(value: object, path: str) -> dict[str, Any]:
@@ -171,10 +140,10 @@ def _map(value: object, path: str) -> dict[str, Any]:
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise _Invalid(path, f"must be a mapping, got {_type_name(value)}")
+        raise Invalid(path, f"must be a mapping, got {_type_name(value)}")
     for key in value:
         if not isinstance(key, str):
-            raise _Invalid(path, f"key {_show(key)} must be a string")
+            raise Invalid(path, f"key {show(key)} must be a string")
     return value
 
 
@@ -182,7 +151,7 @@ def _list(value: object, path: str) -> list[Any]:
     if value is None:
         return []
     if not isinstance(value, list):
-        raise _Invalid(path, f"must be a list, got {_type_name(value)}")
+        raise Invalid(path, f"must be a list, got {_type_name(value)}")
     return value
 
 
@@ -190,7 +159,7 @@ def _str(value: object, path: str, default: str = "") -> str:
     if value is None:
         return default
     if not isinstance(value, str):
-        raise _Invalid(path, f"must be a string, got {_type_name(value)}")
+        raise Invalid(path, f"must be a string, got {_type_name(value)}")
     return value
 
 
@@ -198,14 +167,14 @@ def _only(data: Mapping[str, Any], path: str, known: Iterable[str]) -> None:
     allowed = set(known)
     for key in data:
         if key not in allowed:
-            raise _Invalid(_at(path, key), "unknown field")
+            raise Invalid(_at(path, key), "unknown field")
 
 
 def _labels(value: object, path: str) -> dict[str, str]:
     labels = _map(value, path)
     for key, item in labels.items():
         if not isinstance(item, str):
-            raise _Invalid(_at(path, key), f"must be a string, got {_type_name(item)}")
+            raise Invalid(_at(path, key), f"must be a string, got {_type_name(item)}")
     return labels
 
 
@@ -214,9 +183,9 @@ def _strings(value: object, path: str) -> list[str]:
     out = []
     for i, item in enumerate(_list(value, path)):
         if not isinstance(item, str):
-            raise _Invalid(_at(path, i), f"must be a string, got {_type_name(item)}")
+            raise Invalid(_at(path, i), f"must be a string, got {_type_name(item)}")
         if not item:
-            raise _Invalid(_at(path, i), "must not be empty")
+            raise Invalid(_at(path, i), "must not be empty")
         out.append(item)
     return out
 
@@ -228,24 +197,24 @@ def _port(value: object, path: str, *, low: int = 1) -> int:
     elif isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 5:
         number = int(value)
     if number is None or not low <= number <= 65535:
-        raise _Invalid(path, f"{_show(value)} is not a port number ({low}-65535)")
+        raise Invalid(path, f"{show(value)} is not a port number ({low}-65535)")
     return number
 
 
 def _ip(value: object, path: str) -> IPAddress:
     if not isinstance(value, str):
-        raise _Invalid(path, f"must be an IP address string, got {_type_name(value)}")
+        raise Invalid(path, f"must be an IP address string, got {_type_name(value)}")
     try:
         return ipaddress.ip_address(value)
     except ValueError:
-        raise _Invalid(path, f"{_show(value)} is not an IP address") from None
+        raise Invalid(path, f"{show(value)} is not an IP address") from None
 
 
 def _cidr(value: str, path: str) -> CidrMatch:
     try:
         return CidrMatch.parse(value)
     except ValueError:
-        raise _Invalid(path, f"{_show(value)} is not an IP address or CIDR") from None
+        raise Invalid(path, f"{show(value)} is not an IP address or CIDR") from None
 
 
 def _selector(value: object, path: str) -> dict[str, str] | None:
@@ -422,7 +391,7 @@ def _meta(resource: Resource, *, namespaced: bool = True) -> _Meta:
     if namespaced:
         namespace = resource.namespace or "default"
     elif resource.namespace:
-        raise _Invalid("metadata.namespace", f"{resource.kind} is not namespaced")
+        raise Invalid("metadata.namespace", f"{resource.kind} is not namespaced")
     else:
         namespace = ""
     return _Meta(
@@ -455,7 +424,7 @@ def _owner(meta: _Meta) -> tuple[str, str]:
         kind = _str(data.get("kind"), _at(path, "kind"))
         name = _str(data.get("name"), _at(path, "name"))
         if not name:
-            raise _Invalid(_at(path, "name"), "is required")
+            raise Invalid(_at(path, "name"), "is required")
         if kind == "ReplicaSet":
             template_hash = meta.labels.get("pod-template-hash", "")
             if template_hash and name.endswith("-" + template_hash):
@@ -481,12 +450,12 @@ def _read_pod(ctx: _Context, resource: Resource) -> None:
     if not ips and status.get("podIP") not in (None, ""):
         ips.append(_ip(status.get("podIP"), "status.podIP"))
     if len(set(ips)) != len(ips):
-        raise _Invalid("status.podIPs", "lists an address twice")
+        raise Invalid("status.podIPs", "lists an address twice")
     account = _str(spec.get("serviceAccountName"), "spec.serviceAccountName") or "default"
     try:
         Identity(ctx.options.trust_domain, meta.namespace, account)
     except InvalidIdentity as exc:
-        raise _Invalid("spec.serviceAccountName", f"no valid identity: {exc}") from None
+        raise Invalid("spec.serviceAccountName", f"no valid identity: {exc}") from None
     ready = False
     for i, item in enumerate(_list(status.get("conditions"), "status.conditions")):
         condition = _map(item, _at("status.conditions", i))
@@ -533,7 +502,7 @@ def _read_service(ctx: _Context, resource: Resource) -> None:
         data = _map(item, path)
         number = _port(data.get("port"), _at(path, "port"))
         if number in seen:
-            raise _Invalid(_at(path, "port"), f"port {number} is listed twice")
+            raise Invalid(_at(path, "port"), f"port {number} is listed twice")
         seen.add(number)
         raw_target = data.get("targetPort")
         target: int | str
@@ -541,7 +510,7 @@ def _read_service(ctx: _Context, resource: Resource) -> None:
             target = number
         elif isinstance(raw_target, str) and not raw_target.isdigit():
             if not raw_target:
-                raise _Invalid(_at(path, "targetPort"), "must not be empty")
+                raise Invalid(_at(path, "targetPort"), "must not be empty")
             target = raw_target
         else:
             target = _port(raw_target, _at(path, "targetPort"))
@@ -564,13 +533,13 @@ def _read_service_entry(ctx: _Context, resource: Resource) -> None:
     spec = _spec(resource)
     hosts = _strings(spec.get("hosts"), "spec.hosts")
     if not hosts:
-        raise _Invalid("spec.hosts", "is required (at least one host)")
+        raise Invalid("spec.hosts", "is required (at least one host)")
     addresses: list[IPAddress] = []
     for i, text in enumerate(_strings(spec.get("addresses"), "spec.addresses")):
         path = _at("spec.addresses", i)
         network = _cidr(text, path).network
         if network.prefixlen != network.max_prefixlen:
-            raise _Invalid(path, f"{_show(text)}: CIDR ranges are not supported, give addresses")
+            raise Invalid(path, f"{show(text)}: CIDR ranges are not supported, give addresses")
         addresses.append(network.network_address)
     ports: list[_SEPort] = []
     for i, item in enumerate(_list(spec.get("ports"), "spec.ports")):
@@ -578,7 +547,7 @@ def _read_service_entry(ctx: _Context, resource: Resource) -> None:
         data = _map(item, path)
         number = _port(data.get("number"), _at(path, "number"))
         if any(p.number == number for p in ports):
-            raise _Invalid(_at(path, "number"), f"port {number} is listed twice")
+            raise Invalid(_at(path, "number"), f"port {number} is listed twice")
         target = data.get("targetPort")
         ports.append(
             _SEPort(
@@ -594,14 +563,14 @@ def _read_service_entry(ctx: _Context, resource: Resource) -> None:
         address = _str(data.get("address"), _at(path, "address"))
         ip: IPAddress | None = None
         if address.startswith("unix://"):
-            raise _Invalid(_at(path, "address"), "unix domain socket endpoints are not supported")
+            raise Invalid(_at(path, "address"), "unix domain socket endpoints are not supported")
         if address:
             try:
                 ip = ipaddress.ip_address(address)
             except ValueError:
                 ip = None
         elif not data.get("network"):
-            raise _Invalid(_at(path, "address"), "is required")
+            raise Invalid(_at(path, "address"), "is required")
         endpoint_ports: dict[str, int] = {}
         for name, number in _map(data.get("ports"), _at(path, "ports")).items():
             endpoint_ports[name] = _port(number, _at(_at(path, "ports"), name))
@@ -609,7 +578,7 @@ def _read_service_entry(ctx: _Context, resource: Resource) -> None:
         try:
             Identity(ctx.options.trust_domain, meta.namespace, account)
         except InvalidIdentity as exc:
-            raise _Invalid(_at(path, "serviceAccount"), f"no valid identity: {exc}") from None
+            raise Invalid(_at(path, "serviceAccount"), f"no valid identity: {exc}") from None
         endpoints.append(
             _SEEndpoint(
                 address=address,
@@ -626,7 +595,7 @@ def _read_service_entry(ctx: _Context, resource: Resource) -> None:
         ws = _map(spec.get("workloadSelector"), "spec.workloadSelector")
         selector = _labels(ws.get("labels"), "spec.workloadSelector.labels") or None
         if endpoints:
-            raise _Invalid("spec.workloadSelector", "cannot be used together with endpoints")
+            raise Invalid("spec.workloadSelector", "cannot be used together with endpoints")
     sans = _strings(spec.get("subjectAltNames"), "spec.subjectAltNames")
     ctx.entries.append(_ServiceEntry(meta, hosts, addresses, ports, endpoints, selector, sans))
 
@@ -639,9 +608,9 @@ def _read_gateway(ctx: _Context, resource: Resource) -> None:
         return
     traffic = meta.labels.get(LABEL_WAYPOINT_FOR, "service")
     if traffic not in _WAYPOINT_FOR:
-        raise _Invalid(
+        raise Invalid(
             _at("metadata.labels", LABEL_WAYPOINT_FOR),
-            f"{_show(traffic)} is not one of {', '.join(_WAYPOINT_FOR)}",
+            f"{show(traffic)} is not one of {', '.join(_WAYPOINT_FOR)}",
         )
     from_namespaces = "Same"
     selector: dict[str, str] | None = None
@@ -658,9 +627,7 @@ def _read_gateway(ctx: _Context, resource: Resource) -> None:
         npath = _at(_at(path, "allowedRoutes"), "namespaces")
         from_namespaces = _str(namespaces.get("from"), _at(npath, "from"), "Same")
         if from_namespaces not in ("Same", "All", "Selector"):
-            raise _Invalid(
-                _at(npath, "from"), f"{_show(from_namespaces)} is not Same, All, Selector"
-            )
+            raise Invalid(_at(npath, "from"), f"{show(from_namespaces)} is not Same, All, Selector")
         if from_namespaces == "Selector":
             selector = _selector(namespaces.get("selector"), _at(npath, "selector")) or {}
         break
@@ -733,7 +700,7 @@ def _service_account(text: str, path: str, namespace: str) -> ServiceAccountMatc
     if not slash:
         ns, account = namespace, text
     if not ns or not account or "/" in account or "*" in text:
-        raise _Invalid(path, f'{_show(text)} is not "namespace/serviceaccount" or "serviceaccount"')
+        raise Invalid(path, f'{show(text)} is not "namespace/serviceaccount" or "serviceaccount"')
     return ServiceAccountMatch(ns, account)
 
 
@@ -741,7 +708,7 @@ def _source_match(value: object, path: str, namespace: str) -> tuple[Match, list
     src = _map(value, path)
     _only(src, path, _SOURCE_L4 + _SOURCE_OTHER)
     if not any(src.get(key) for key in _SOURCE_L4 + _SOURCE_OTHER):
-        raise _Invalid(path, "must not be empty")
+        raise Invalid(path, "must not be empty")
     values = {key: _strings(src.get(key), _at(path, key)) for key in _SOURCE_L4 + _SOURCE_OTHER}
     if (values["serviceAccounts"] or values["notServiceAccounts"]) and (
         values["principals"]
@@ -749,7 +716,7 @@ def _source_match(value: object, path: str, namespace: str) -> tuple[Match, list
         or values["namespaces"]
         or values["notNamespaces"]
     ):
-        raise _Invalid(path, "serviceAccounts cannot be combined with principals or namespaces")
+        raise Invalid(path, "serviceAccounts cannot be combined with principals or namespaces")
     for key in ("remoteIpBlocks", "notRemoteIpBlocks"):
         for i, text in enumerate(values[key]):
             _cidr(text, _at(_at(path, key), i))
@@ -780,7 +747,7 @@ def _operation_match(value: object, path: str) -> tuple[Match, list[str]]:
     op = _map(value, path)
     _only(op, path, _OPERATION_L4 + _OPERATION_L7)
     if not any(op.get(key) for key in _OPERATION_L4 + _OPERATION_L7):
-        raise _Invalid(path, "must not be empty")
+        raise Invalid(path, "must not be empty")
 
     def ports(key: str) -> tuple[int, ...]:
         items = _list(op.get(key), _at(path, key))
@@ -823,13 +790,13 @@ def _when_match(value: object, path: str, namespace: str) -> tuple[Match | None,
     _only(cond, path, ("key", "values", "notValues"))
     key = _str(cond.get("key"), _at(path, "key"))
     if not key:
-        raise _Invalid(_at(path, "key"), "is required")
+        raise Invalid(_at(path, "key"), "is required")
     values = _strings(cond.get("values"), _at(path, "values"))
     not_values = _strings(cond.get("notValues"), _at(path, "notValues"))
     if not values and not not_values:
-        raise _Invalid(path, f"at least one of values and notValues must be set for {key}")
+        raise Invalid(path, f"at least one of values and notValues must be set for {key}")
     if key in _WHEN_REJECTED:
-        raise _Invalid(_at(path, "key"), f"{key} {_WHEN_REJECTED[key]}")
+        raise Invalid(_at(path, "key"), f"{key} {_WHEN_REJECTED[key]}")
     known = (
         key in _WHEN_L4
         or key in _WHEN_OTHER_EXACT
@@ -837,7 +804,7 @@ def _when_match(value: object, path: str, namespace: str) -> tuple[Match | None,
         or key.startswith("experimental.envoy.filters.")
     )
     if not known:
-        raise _Invalid(_at(path, "key"), f"{_show(key)} is not a known attribute")
+        raise Invalid(_at(path, "key"), f"{show(key)} is not a known attribute")
     positive = _when_values(key, values, _at(path, "values"), namespace)
     negative = _when_values(key, not_values, _at(path, "notValues"), namespace)
     if key not in _WHEN_L4:
@@ -853,7 +820,7 @@ def _rule(
 ) -> tuple[Rule | None, list[str]]:
     """One AuthorizationPolicy rule; None when an ALLOW rule is dropped for its L7 part."""
     if value is None:
-        raise _Invalid(path, "must not be null (use {} to match everything)")
+        raise Invalid(path, "must not be null (use {} to match everything)")
     data = _map(value, path)
     _only(data, path, ("from", "to", "when"))
     clauses: list[Clause] = []
@@ -866,7 +833,7 @@ def _rule(
             return
         items = _list(data[key], _at(path, key))
         if not items:
-            raise _Invalid(_at(path, key), "must not be empty when given")
+            raise Invalid(_at(path, key), "must not be empty when given")
         matches: list[Match] = []
         match_all = False
         for i, item in enumerate(items):
@@ -874,7 +841,7 @@ def _rule(
             entry = _map(item, ipath)
             _only(entry, ipath, (inner,))
             if entry.get(inner) is None:
-                raise _Invalid(_at(ipath, inner), "is required")
+                raise Invalid(_at(ipath, inner), "is required")
             match, other = read(entry[inner], _at(ipath, inner))
             unseen.extend(f"{key}.{inner}.{name}" for name in other)
             if match.is_empty:
@@ -904,7 +871,7 @@ def _read_authorization_policy(ctx: _Context, resource: Resource) -> None:
     selector = _selector(spec.get("selector"), "spec.selector")
     if spec.get("targetRef") is not None or spec.get("targetRefs"):
         if spec.get("selector") is not None:
-            raise _Invalid("spec", "selector cannot be combined with targetRef/targetRefs")
+            raise Invalid("spec", "selector cannot be combined with targetRef/targetRefs")
         ctx.note(
             meta, "spec.targetRefs", "attached to a waypoint by targetRefs; not for the node agent"
         )
@@ -914,17 +881,17 @@ def _read_authorization_policy(ctx: _Context, resource: Resource) -> None:
         ctx.note(meta, "spec.action", f"{action_name} policies are not enforced by the node agent")
         return
     if action_name not in ("ALLOW", "DENY"):
-        raise _Invalid(
-            "spec.action", f"{_show(action_name)} is not one of ALLOW, DENY, AUDIT, CUSTOM"
+        raise Invalid(
+            "spec.action", f"{show(action_name)} is not one of ALLOW, DENY, AUDIT, CUSTOM"
         )
     if spec.get("provider") is not None:
-        raise _Invalid("spec.provider", "is only allowed with action CUSTOM")
+        raise Invalid("spec.provider", "is only allowed with action CUSTOM")
     action = Action(action_name)
     dry_run_text = meta.annotations.get(ANNOTATION_DRY_RUN, "false").lower()
     if dry_run_text not in ("true", "false"):
-        raise _Invalid(
+        raise Invalid(
             _at("metadata.annotations", ANNOTATION_DRY_RUN),
-            f"{_show(dry_run_text)} is not true or false",
+            f"{show(dry_run_text)} is not true or false",
         )
     rules: list[Rule] = []
     raw_rules = _list(spec.get("rules"), "spec.rules")
@@ -969,7 +936,7 @@ def _mode(value: object, path: str) -> str:
     _only(data, path, ("mode",))
     mode = _str(data.get("mode"), _at(path, "mode"), "UNSET")
     if mode not in _MTLS_MODES:
-        raise _Invalid(_at(path, "mode"), f"{_show(mode)} is not one of {', '.join(_MTLS_MODES)}")
+        raise Invalid(_at(path, "mode"), f"{show(mode)} is not one of {', '.join(_MTLS_MODES)}")
     return mode
 
 
@@ -983,12 +950,12 @@ def _read_peer_authentication(ctx: _Context, resource: Resource) -> None:
     raw_ports = spec.get("portLevelMtls")
     if raw_ports is not None:
         if not isinstance(raw_ports, dict):
-            raise _Invalid("spec.portLevelMtls", f"must be a mapping, got {_type_name(raw_ports)}")
+            raise Invalid("spec.portLevelMtls", f"must be a mapping, got {_type_name(raw_ports)}")
         for key, item in raw_ports.items():
             path = _at("spec.portLevelMtls", str(key))
             ports[_port(key, path)] = _mode(item, path)
         if ports and selector is None:
-            raise _Invalid("spec.portLevelMtls", "requires a workload selector")
+            raise Invalid("spec.portLevelMtls", "requires a workload selector")
     if selector is not None and meta.namespace == ctx.options.root_namespace:
         ctx.note(meta, "spec.selector", "a selector policy in the root namespace has no effect")
     ctx.peer.append(_PeerAuth(meta, selector, mode, ports))
@@ -1023,7 +990,7 @@ def _read(ctx: _Context, resources: Iterable[Resource]) -> None:
             ctx.error(
                 meta,
                 "apiVersion",
-                f"{_show(resource.api_version)} is not supported (use "
+                f"{show(resource.api_version)} is not supported (use "
                 + ", ".join(
                     f"{resource.group + '/' if resource.group else ''}{v}" for v in versions
                 )
@@ -1037,7 +1004,7 @@ def _read(ctx: _Context, resources: Iterable[Resource]) -> None:
         seen[identity] = resource
         try:
             _READERS[resource.kind](ctx, resource)
-        except _Invalid as exc:
+        except Invalid as exc:
             ctx.error(meta, exc.path, exc.reason)
         except RecursionError:
             ctx.error(meta, "", "nested too deeply")
@@ -1279,7 +1246,7 @@ def _pod_services(ctx: _Context, pod: _Pod) -> dict[str, dict[int, int]]:
                 ctx.error(
                     svc.meta,
                     _at(_at("spec.ports", port.index), "targetPort"),
-                    f"named port {_show(port.target)} is not a TCP container port of pod "
+                    f"named port {show(port.target)} is not a TCP container port of pod "
                     f"{meta.key}; port {port.port} is left out for that pod",
                 )
         services[f"{meta.namespace}/{ctx.hostname(svc.meta.name, meta.namespace)}"] = ports
@@ -1384,7 +1351,7 @@ def _entry_workloads(
             ctx.error(
                 meta,
                 _at(_at("spec.endpoints", endpoint.index), "address"),
-                f"{_show(endpoint.address)} is listed twice",
+                f"{show(endpoint.address)} is listed twice",
             )
             continue
         seen.add(endpoint.address)

@@ -22,7 +22,6 @@ Pure: `parse_local_config` takes text; `load_local_config` only adds reading the
 from __future__ import annotations
 
 import ipaddress
-import json
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +31,7 @@ import yaml
 
 from ztagent.errors import LocalError
 from ztagent.identity.spiffe import DEFAULT_TRUST_DOMAIN, InvalidIdentity
+from ztagent.model.fields import Invalid, join, show, type_name
 from ztagent.model.policy import (
     Action,
     Authorization,
@@ -82,7 +82,7 @@ class ObjectError:
         where = self.kind if self.index is None else f"{self.kind}[{self.index}]"
         if self.key is not None:
             label = "uid" if self.kind == "workloads" else "key"
-            where += f" ({label} {_show(self.key)})"
+            where += f" ({label} {show(self.key)})"
         if self.path:
             where += f": {self.path}"
         return f"{where}: {self.reason}"
@@ -100,48 +100,6 @@ class ConfigSnapshot:
     @property
     def ok(self) -> bool:
         return not self.errors
-
-
-class _Invalid(Exception):
-    """A field of the object being read is wrong; carries the field path and the reason."""
-
-    def __init__(self, path: str, reason: str) -> None:
-        super().__init__(f"{path}: {reason}")
-        self.path = path
-        self.reason = reason
-
-
-def _show(value: object) -> str:
-    """Quote a value from the file for a message, short enough for one log line."""
-    try:
-        text = json.dumps(value, ensure_ascii=False, default=str)
-    except (TypeError, ValueError, RecursionError):
-        text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-def _type_name(value: object) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int):
-        return "an integer"
-    if isinstance(value, float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, dict):
-        return "a mapping"
-    return type(value).__name__
-
-
-def _join(path: str, key: str | int) -> str:
-    if isinstance(key, int):
-        return f"{path}[{key}]"
-    return f"{path}.{key}" if path else key
 
 
 # --- YAML -------------------------------------------------------------------------------------
@@ -186,7 +144,7 @@ class _Object:
 
     def __init__(self, value: object, path: str) -> None:
         if not isinstance(value, dict):
-            raise _Invalid(path, f"must be a mapping, got {_type_name(value)}")
+            raise Invalid(path, f"must be a mapping, got {type_name(value)}")
         self.data: dict[Any, Any] = value
         self.path = path
         self.used: set[str] = set()
@@ -199,16 +157,16 @@ class _Object:
         return self.data.get(key)
 
     def at(self, key: str) -> str:
-        return _join(self.path, key)
+        return join(self.path, key)
 
     def string(self, key: str, default: str | None = None) -> str:
         value = self.raw(key)
         if value is None:
             if default is None:
-                raise _Invalid(self.at(key), "is required")
+                raise Invalid(self.at(key), "is required")
             return default
         if not isinstance(value, str):
-            raise _Invalid(self.at(key), f"must be a string, got {_type_name(value)}")
+            raise Invalid(self.at(key), f"must be a string, got {type_name(value)}")
         return value
 
     def boolean(self, key: str, default: bool) -> bool:
@@ -216,7 +174,7 @@ class _Object:
         if value is None:
             return default
         if not isinstance(value, bool):
-            raise _Invalid(self.at(key), f"must be true or false, got {_show(value)}")
+            raise Invalid(self.at(key), f"must be true or false, got {show(value)}")
         return value
 
     def items(self, key: str, read: Callable[[Any, str], T], *, required: bool = False) -> list[T]:
@@ -224,11 +182,11 @@ class _Object:
         path = self.at(key)
         if value is None:
             if required:
-                raise _Invalid(path, "is required")
+                raise Invalid(path, "is required")
             return []
         if not isinstance(value, list):
-            raise _Invalid(path, f"must be a list, got {_type_name(value)}")
-        return [read(item, _join(path, i)) for i, item in enumerate(value)]
+            raise Invalid(path, f"must be a list, got {type_name(value)}")
+        return [read(item, join(path, i)) for i, item in enumerate(value)]
 
     def ignore(self, *keys: str) -> None:
         self.used.update(keys)
@@ -236,28 +194,28 @@ class _Object:
     def finish(self) -> None:
         for key in self.data:
             if key not in self.used:
-                where = _join(self.path, key) if isinstance(key, str) else self.path
+                where = join(self.path, key) if isinstance(key, str) else self.path
                 reason = (
                     "unknown field"
                     if isinstance(key, str)
-                    else f"unknown field {_show(key)} (keys must be strings)"
+                    else f"unknown field {show(key)} (keys must be strings)"
                 )
-                raise _Invalid(where, reason)
+                raise Invalid(where, reason)
 
 
 def _string(value: object, path: str) -> str:
     if not isinstance(value, str):
-        raise _Invalid(path, f"must be a string, got {_type_name(value)}")
+        raise Invalid(path, f"must be a string, got {type_name(value)}")
     return value
 
 
 def _ip(value: object, path: str) -> IPAddress:
     if not isinstance(value, str):
-        raise _Invalid(path, f"must be an IP address string, got {_type_name(value)}")
+        raise Invalid(path, f"must be an IP address string, got {type_name(value)}")
     try:
         return ipaddress.ip_address(value)
     except ValueError:
-        raise _Invalid(path, f"{_show(value)} is not an IP address") from None
+        raise Invalid(path, f"{show(value)} is not an IP address") from None
 
 
 def _port(value: object, path: str, *, allow_zero: bool = False) -> int:
@@ -268,37 +226,37 @@ def _port(value: object, path: str, *, allow_zero: bool = False) -> int:
         number = int(value)
     low = 0 if allow_zero else 1
     if number is None or not low <= number <= 65535:
-        raise _Invalid(path, f"{_show(value)} is not a port number ({low}-65535)")
+        raise Invalid(path, f"{show(value)} is not a port number ({low}-65535)")
     return number
 
 
 def _port_map(value: object, path: str) -> dict[int, int]:
     if not isinstance(value, dict):
-        raise _Invalid(path, f"must be a mapping of port to target port, got {_type_name(value)}")
+        raise Invalid(path, f"must be a mapping of port to target port, got {type_name(value)}")
     ports: dict[int, int] = {}
     for key, target in value.items():
         port = _port(key, path)
-        ports[port] = _port(target, _join(path, str(port)), allow_zero=True)
+        ports[port] = _port(target, join(path, str(port)), allow_zero=True)
     return ports
 
 
 def _network_address(value: object, path: str) -> NetworkAddress:
     """`network/ip`, with an empty network allowed (`/10.0.0.1`), as ztunnel's `vips`."""
     if not isinstance(value, str):
-        raise _Invalid(path, f'must be a "network/IP" string, got {_type_name(value)}')
+        raise Invalid(path, f'must be a "network/IP" string, got {type_name(value)}')
     network, slash, ip = value.rpartition("/")
     if not slash:
-        raise _Invalid(path, f'{_show(value)} is not "network/IP" (use "/{value}" for no network)')
+        raise Invalid(path, f'{show(value)} is not "network/IP" (use "/{value}" for no network)')
     try:
         return NetworkAddress(network, ipaddress.ip_address(ip))
     except ValueError:
-        raise _Invalid(path, f"{_show(ip)} in {_show(value)} is not an IP address") from None
+        raise Invalid(path, f"{show(ip)} in {show(value)} is not an IP address") from None
 
 
 def _namespaced_hostname(value: str, path: str) -> NamespacedHostname:
     namespace, slash, hostname = value.partition("/")
     if not slash or not namespace or not hostname:
-        raise _Invalid(path, f'{_show(value)} is not "namespace/hostname"')
+        raise Invalid(path, f'{show(value)} is not "namespace/hostname"')
     return NamespacedHostname(namespace, hostname)
 
 
@@ -351,7 +309,7 @@ def _choices(names: Mapping[str, object]) -> str:
 def _pick(value: object, path: str, names: Mapping[str, T]) -> T:
     if isinstance(value, str) and value in names:
         return names[value]
-    raise _Invalid(path, f"{_show(value)} is not one of {_choices(names)}")
+    raise Invalid(path, f"{show(value)} is not one of {_choices(names)}")
 
 
 # --- workloads and services ----------------------------------------------------------------------
@@ -369,14 +327,14 @@ def _workload_services(value: object, path: str) -> dict[str, dict[int, int]]:
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise _Invalid(
-            path, f'must be a mapping of "namespace/hostname" to ports, got {_type_name(value)}'
+        raise Invalid(
+            path, f'must be a mapping of "namespace/hostname" to ports, got {type_name(value)}'
         )
     services: dict[str, dict[int, int]] = {}
     for key, ports in value.items():
         if not isinstance(key, str):
-            raise _Invalid(path, f'key {_show(key)} must be a "namespace/hostname" string')
-        where = _join(path, key)
+            raise Invalid(path, f'key {show(key)} must be a "namespace/hostname" string')
+        where = join(path, key)
         _namespaced_hostname(key, where)
         services[key] = {} if ports is None else _port_map(ports, where)
     return services
@@ -389,7 +347,7 @@ def _read_workload(value: object, path: str, trust_domain: str) -> Workload:
     uid = obj.string("uid", "")
     if not uid:
         if not name:
-            raise _Invalid(obj.at("uid"), "is required when name is empty")
+            raise Invalid(obj.at("uid"), "is required when name is empty")
         uid = f"{namespace}/{name}"
     addresses = obj.items("workloadIps", _ip, required=True)
     protocol = obj.raw("protocol")
@@ -433,7 +391,7 @@ def _read_workload(value: object, path: str, trust_domain: str) -> Workload:
     try:
         workload.identity  # noqa: B018 - validates namespace, account and trust domain
     except InvalidIdentity as exc:
-        raise _Invalid(path, f"no valid identity: {exc}") from None
+        raise Invalid(path, f"no valid identity: {exc}") from None
     return workload
 
 
@@ -453,9 +411,9 @@ def _read_service(value: object, path: str) -> Service:
     namespace = obj.string("namespace")
     hostname = obj.string("hostname")
     if not namespace:
-        raise _Invalid(obj.at("namespace"), "must not be empty")
+        raise Invalid(obj.at("namespace"), "must not be empty")
     if not hostname:
-        raise _Invalid(obj.at("hostname"), "must not be empty")
+        raise Invalid(obj.at("hostname"), "must not be empty")
     ports = obj.raw("ports")
     service = Service(
         name=obj.string("name", ""),
@@ -493,13 +451,13 @@ def _string_match(value: object, path: str) -> StringMatch:
         kind = _STRING_MATCH_KEYS.get(key) if isinstance(key, str) else None
         if kind is StringMatchKind.PRESENCE:
             if inner not in (None, [], {}, ""):
-                raise _Invalid(_join(path, key), f"takes no value, got {_show(inner)}")
+                raise Invalid(join(path, key), f"takes no value, got {show(inner)}")
             return StringMatch.presence()
         if kind is not None:
-            return StringMatch(kind, _string(inner, _join(path, key)))
-    raise _Invalid(
+            return StringMatch(kind, _string(inner, join(path, key)))
+    raise Invalid(
         path,
-        f"{_show(value)} is not a string match ({{Exact: x}}, {{Prefix: x}}, {{Suffix: x}}, "
+        f"{show(value)} is not a string match ({{Exact: x}}, {{Prefix: x}}, {{Suffix: x}}, "
         '{Presence: []} or "*", "x*", "*x", "x")',
     )
 
@@ -509,7 +467,7 @@ def _service_account_match(value: object, path: str) -> ServiceAccountMatch:
         namespace, slash, account = value.partition("/")
         if slash and namespace and account:
             return ServiceAccountMatch(namespace, account)
-        raise _Invalid(path, f'{_show(value)} is not "namespace/serviceaccount"')
+        raise Invalid(path, f'{show(value)} is not "namespace/serviceaccount"')
     obj = _Object(value, path)
     match = ServiceAccountMatch(obj.string("namespace"), obj.string("serviceAccount"))
     obj.finish()
@@ -518,11 +476,11 @@ def _service_account_match(value: object, path: str) -> ServiceAccountMatch:
 
 def _cidr(value: object, path: str) -> CidrMatch:
     if not isinstance(value, str):
-        raise _Invalid(path, f"must be an IP or CIDR string, got {_type_name(value)}")
+        raise Invalid(path, f"must be an IP or CIDR string, got {type_name(value)}")
     try:
         return CidrMatch.parse(value)
     except ValueError:
-        raise _Invalid(path, f"{_show(value)} is not an IP address or CIDR block") from None
+        raise Invalid(path, f"{show(value)} is not an IP address or CIDR block") from None
 
 
 def _rule_port(value: object, path: str) -> int:
@@ -561,18 +519,18 @@ def _list_or_wrapped(value: object, path: str, wrapper: str) -> tuple[list[Any],
         path = obj.at(wrapper)
         value = [] if inner is None else inner
     if not isinstance(value, list):
-        raise _Invalid(path, f"must be a list, got {_type_name(value)}")
+        raise Invalid(path, f"must be a list, got {type_name(value)}")
     return value, path
 
 
 def _clause(value: object, path: str) -> Clause:
     items, path = _list_or_wrapped(value, path, "matches")
-    return Clause(tuple(_match(item, _join(path, i)) for i, item in enumerate(items)))
+    return Clause(tuple(_match(item, join(path, i)) for i, item in enumerate(items)))
 
 
 def _rule(value: object, path: str) -> Rule:
     items, path = _list_or_wrapped(value, path, "clauses")
-    return Rule(tuple(_clause(item, _join(path, i)) for i, item in enumerate(items)))
+    return Rule(tuple(_clause(item, join(path, i)) for i, item in enumerate(items)))
 
 
 def _read_policy(value: object, path: str) -> Authorization:
@@ -580,7 +538,7 @@ def _read_policy(value: object, path: str) -> Authorization:
     name = obj.string("name")
     namespace = obj.string("namespace")
     if not name:
-        raise _Invalid(obj.at("name"), "must not be empty")
+        raise Invalid(obj.at("name"), "must not be empty")
     policy = Authorization(
         name=name,
         namespace=namespace,
@@ -624,14 +582,14 @@ def _read_all(
         return []
     if not isinstance(section, list):
         errors.append(
-            ObjectError(kind, None, None, "", f"must be a list, got {_type_name(section)}")
+            ObjectError(kind, None, None, "", f"must be a list, got {type_name(section)}")
         )
         return []
     out: list[tuple[int, T]] = []
     for index, item in enumerate(section):
         try:
             out.append((index, read(item, "")))
-        except _Invalid as exc:
+        except Invalid as exc:
             errors.append(ObjectError(kind, index, _peek_key(kind, item), exc.path, exc.reason))
         except RecursionError:
             errors.append(ObjectError(kind, index, None, "", "nested too deeply"))
@@ -702,7 +660,7 @@ def parse_local_config(
     if not isinstance(document, dict):
         raise ConfigError(
             f"{source}: the top level must be a mapping with workloads, services and policies, "
-            f"got {_type_name(document)}"
+            f"got {type_name(document)}"
         )
     errors: list[ObjectError] = []
     for key in document:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ipaddress
 import logging
 import signal
@@ -21,7 +22,7 @@ from typing import Any, cast
 from ztagent.errors import LocalError, ZtagentError
 from ztagent.hbone.client import HboneClient, Tunnel, TunnelRefused
 from ztagent.hbone.connection import TcpLeg
-from ztagent.hbone.frames import format_authority
+from ztagent.hbone.frames import format_authority, parse_authority
 from ztagent.hbone.server import Allow, Deny, HboneServer, InboundRequest
 from ztagent.hbone.tls import TlsConfig
 from ztagent.identity.ca import CertificateAuthority
@@ -74,16 +75,17 @@ def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
 
 
 def _forwarded_for(request: InboundRequest) -> str | None:
-    """The client address in `forwarded: for="ip:port"`, as ztunnel sends it."""
-    value = request.header("forwarded")
-    if not value:
-        return None
-    for part in value.split(";"):
+    """The client IP in `forwarded: for="ip:port"`, as ztunnel sends it (None if absent or
+    not an address: the connection's own peer address is used then)."""
+    for part in (request.header("forwarded") or "").split(";"):
         key, _, item = part.strip().partition("=")
         if key.lower() == "for":
             item = item.strip('"')
-            host = item.rpartition(":")[0] if item.count(":") == 1 or "]" in item else item
-            return host.strip("[]") or None
+            try:
+                return parse_authority(item)[0]
+            except ValueError:
+                with contextlib.suppress(ValueError):
+                    return str(ipaddress.ip_address(item.strip("[]")))
     return None
 
 
@@ -679,7 +681,7 @@ class NodeAgent:
         reply: ReplyFn | None,
     ) -> None:
         started = time.monotonic()
-        record = _replace(record, dst_hbone_addr=format_authority(*route.hbone_address))
+        record = dataclasses.replace(record, dst_hbone_addr=format_authority(*route.hbone_address))
         leg = TcpLeg()
         leg.held = early
         if reply is not None:
@@ -774,14 +776,8 @@ def _baggage(workload: Workload, cluster: str) -> dict[str, str]:
     }
 
 
-def _replace(record: ConnectionRecord, **changes: Any) -> ConnectionRecord:
-    import dataclasses
-
-    return dataclasses.replace(record, **changes)
-
-
 def _with_error(record: ConnectionRecord, error: str) -> ConnectionRecord:
-    return _replace(record, error=error)
+    return dataclasses.replace(record, error=error)
 
 
 def _finish(
@@ -791,7 +787,7 @@ def _finish(
     # wrote; inbound, the local workload (the server) sends what its app wrote back.
     if record.direction == "inbound":
         sent, received = received, sent
-    return _replace(
+    return dataclasses.replace(
         record,
         bytes_sent=sent,
         bytes_recv=received,
