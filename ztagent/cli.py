@@ -16,6 +16,7 @@ Handler = Callable[[argparse.Namespace], int]
 def build_parser() -> argparse.ArgumentParser:
     from ztagent import ctl as ctl_command
     from ztagent.control import analyze as analyze_command
+    from ztagent.control import command as control_command
     from ztagent.hbone import command as hbone_command
     from ztagent.identity import command as ca_command
     from ztagent.lab import command as lab_command
@@ -40,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     ca_command.register(sub)
     hbone_command.register(sub)
     node_command.register(sub)
+    control_command.register(sub)
     ctl_command.register(sub)
     lab_command.register(sub)
     analyze_command.register(sub)

@@ -41,6 +41,10 @@ class AuthenticationError(ZtagentError):
     """The token is missing, malformed, expired, or not one we trust (gRPC UNAUTHENTICATED)."""
 
 
+class AuthenticationUnavailable(AuthenticationError):
+    """The token could not be checked right now (the API server is down): gRPC UNAVAILABLE."""
+
+
 @dataclass(frozen=True, slots=True)
 class Caller:
     """An authenticated caller."""

@@ -9,6 +9,7 @@ it does not decide who may ask for one (that is the CA server's job) and it neve
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
 import secrets
 from collections.abc import Callable, Sequence
@@ -18,6 +19,7 @@ from typing import TypeVar
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from ztagent.errors import LocalError
@@ -320,13 +322,29 @@ class CertificateAuthority:
         if now >= self.not_after:
             raise SigningRefused(f"the CA certificate expired at {self.not_after.isoformat()}")
         public_key = x509.load_pem_x509_csr(csr_pem).public_key()
+        leaf = self._leaf(
+            public_key,
+            [x509.UniformResourceIdentifier(identity.uri)],
+            ttl,
+            [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH],
+        )
+        return (cert_to_pem(leaf), *self.chain_pem)
+
+    def _leaf(
+        self,
+        public_key: CertificatePublicKeyTypes,
+        names: list[x509.GeneralName],
+        ttl: timedelta,
+        usages: list[x509.ObjectIdentifier],
+    ) -> x509.Certificate:
+        now = self._now()
         issuer_ski = _extension(self._cert, x509.SubjectKeyIdentifier)
         aki = (
             x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(issuer_ski)
             if issuer_ski is not None
             else x509.AuthorityKeyIdentifier.from_issuer_public_key(self._key.public_key())
         )
-        leaf = (
+        return (
             x509.CertificateBuilder()
             .subject_name(x509.Name([]))
             .issuer_name(self._cert.subject)
@@ -334,23 +352,31 @@ class CertificateAuthority:
             .serial_number(_serial())
             .not_valid_before(now - CLOCK_SKEW)
             .not_valid_after(min(now + ttl, self.not_after))
-            .add_extension(
-                x509.SubjectAlternativeName([x509.UniformResourceIdentifier(identity.uri)]),
-                critical=True,
-            )
-            .add_extension(
-                x509.ExtendedKeyUsage(
-                    [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
-                ),
-                critical=False,
-            )
+            .add_extension(x509.SubjectAlternativeName(names), critical=True)
+            .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
             .add_extension(_key_usage(cert_sign=False), critical=True)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(aki, critical=False)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
             .sign(self._key, signature_hash(self._key))
         )
-        return (cert_to_pem(leaf), *self.chain_pem)
+
+    def issue_serving(
+        self, names: Sequence[str], ttl: timedelta = DEFAULT_TTL
+    ) -> tuple[tuple[bytes, ...], bytes]:
+        """A TLS server certificate for the control plane itself (DNS names and IPs as SANs),
+        as istiod's serving certificate: returns the chain (leaf first, one PEM each) and key."""
+        if not names:
+            raise SigningRefused("a serving certificate needs at least one DNS name or IP")
+        general: list[x509.GeneralName] = []
+        for name in dict.fromkeys(names):
+            try:
+                general.append(x509.IPAddress(ipaddress.ip_address(name)))
+            except ValueError:
+                general.append(x509.DNSName(name))
+        key = generate_key()
+        leaf = self._leaf(key.public_key(), general, ttl, [ExtendedKeyUsageOID.SERVER_AUTH])
+        return (cert_to_pem(leaf), *self.chain_pem), key_to_pem(key)
 
     def issue(self, identity: Identity, ttl: timedelta = DEFAULT_TTL) -> WorkloadCertificate:
         """Key, CSR and signature in one step, for an in-process CA that trusts its caller."""
