@@ -17,6 +17,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, cast
 
 from ztagent.errors import LocalError, ZtagentError
@@ -29,12 +30,14 @@ from ztagent.identity.ca import CertificateAuthority
 from ztagent.identity.certs import WorkloadCertificate
 from ztagent.identity.manager import CertificateManager
 from ztagent.identity.spiffe import Identity
+from ztagent.model.localconfig import ConfigSnapshot
 from ztagent.model.store import ProxyState, StateChange
 from ztagent.model.watch import ConfigWatcher
 from ztagent.model.workload import Service, TunnelProtocol, Workload
 from ztagent.node.dump import CertificateStatus, config_dump
 from ztagent.node.routing import RoundRobin, Route, RouteKind, route_outbound
 from ztagent.node.settings import WORKLOADS, NodeSettings
+from ztagent.node.xds import CaClient, ControlPlaneConnection, XdsClient, node_identity
 from ztagent.proxy.relay import PlainRelay
 from ztagent.proxy.socks5 import ConnectRequested, Failed, NeedMore, Reply, Socks5Handshake
 from ztagent.rbac import ConnectionAttributes, Verdict, evaluate
@@ -99,15 +102,46 @@ class NodeAgent:
         self.metrics = Metrics()
         self.access_log = AccessLog()
         self.readiness = Readiness("config", "certificates")
-        self.ca = CertificateAuthority.load_or_create(settings.ca_dir, settings.trust_domain)
+        self.ca: CertificateAuthority | None = None
+        self.ca_client: CaClient | None = None
+        if settings.ca_address:
+            self.ca_client = CaClient(
+                ControlPlaneConnection(
+                    settings.ca_address,
+                    Path(settings.ca_root_ca),
+                    Path(settings.token_path),
+                    settings.cluster_id,
+                ),
+                settings.secret_ttl,
+            )
+        else:
+            self.ca = CertificateAuthority.load_or_create(settings.ca_dir, settings.trust_domain)
         self.certs = CertificateManager(self._issue)
         self.hbone = HboneServer(self._tls_for_address, self._decide_inbound)
-        self.watcher = ConfigWatcher(
-            settings.local_xds_path,
-            self.state,
-            self._on_config_change,
-            trust_domain=settings.trust_domain,
-        )
+        self.watcher: ConfigWatcher | None = None
+        self.xds: XdsClient | None = None
+        if settings.xds_address:
+            node = node_identity(
+                instance_ip=settings.instance_ip,
+                pod_name=settings.pod_name,
+                pod_namespace=settings.pod_namespace,
+                node_name=settings.node_name,
+                cluster_id=settings.cluster_id,
+            )
+            connection = ControlPlaneConnection(
+                settings.xds_address,
+                Path(settings.xds_root_ca),
+                Path(settings.token_path),
+                settings.cluster_id,
+            )
+            self.xds = XdsClient(connection, node, self._apply_xds)
+        else:
+            self.watcher = ConfigWatcher(
+                settings.local_xds_path,
+                self.state,
+                self._on_config_change,
+                trust_domain=settings.trust_domain,
+            )
         self._pick = RoundRobin()
         self._tls: dict[Identity, TlsConfig] = {}
         self._clients: dict[Identity, HboneClient] = {}
@@ -151,13 +185,21 @@ class NodeAgent:
                 where = format_authority(*address)
                 raise LocalError(f"cannot listen on {where}: {exc.strerror or exc}") from None
         self.certs.start()
-        await self.watcher.check()  # the first load, before the listeners open
-        self._spawn(self.watcher.run())
+        # The first config before the listeners open: nothing is captured or forwarded on an
+        # empty model (an unknown destination would otherwise pass through in plaintext).
+        if self.xds is not None:
+            self._spawn(self.xds.run())
+            log.info("waiting for the first xDS sync from %s", s.xds_address)
+            await self.xds.synced.wait()
+        elif self.watcher is not None:
+            await self.watcher.check()
+            self._spawn(self.watcher.run())
         await self._listen()
         log.info(
-            "node agent %s started: config %s, trust domain %s",
+            "node agent %s started: config %s, certificates %s, trust domain %s",
             s.node_name or "(no name)",
-            s.local_xds_path,
+            self.config_source,
+            s.ca_address or f"embedded CA {s.ca_dir}",
             s.trust_domain,
         )
         try:
@@ -224,6 +266,27 @@ class NodeAgent:
             log.error("connection handling failed", exc_info=task.exception())
 
     # ------------------------------------------------------------ configuration
+
+    @property
+    def config_source(self) -> str:
+        s = self.settings
+        return f"xds {s.xds_address}" if s.xds_address else s.local_xds_path
+
+    def _apply_xds(self, snapshot: ConfigSnapshot) -> None:
+        change = self.state.replace(snapshot)
+        log.info(
+            "xDS config version %d: %d workloads, %d services, %d policies",
+            change.version,
+            len(snapshot.workloads),
+            len(snapshot.services),
+            len(snapshot.policies),
+        )
+        try:
+            self._on_config_change(change)
+        except Exception:  # the stream must survive a failing consumer
+            log.exception("applying xDS config version %d failed", change.version)
+        if self.xds is not None and not self.xds.core.synced:
+            self.readiness.pending("config")
 
     def _on_config_change(self, change: StateChange) -> None:
         self.readiness.done("config")
@@ -292,7 +355,11 @@ class NodeAgent:
 
     async def _issue(self, identity: Identity) -> WorkloadCertificate:
         try:
-            cert = self.ca.issue(identity, self.settings.secret_ttl)
+            if self.ca_client is not None:
+                cert = await self.ca_client.fetch(identity)
+            else:
+                assert self.ca is not None
+                cert = self.ca.issue(identity, self.settings.secret_ttl)
         except ZtagentError as exc:
             self._cert_errors[identity] = str(exc)
             raise
@@ -733,7 +800,7 @@ class NodeAgent:
         return config_dump(
             self.state,
             statuses,
-            config_source=self.settings.local_xds_path,
+            config_source=self.config_source,
             node=self.settings.node_name,
         )
 

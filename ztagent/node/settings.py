@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -12,6 +13,7 @@ from typing import Any
 from ztagent.errors import LocalError
 from ztagent.hbone.frames import parse_authority
 from ztagent.identity.command import parse_duration
+from ztagent.node.xds import parse_address
 
 WORKLOADS = "workloads"  # bind on every local workload IP (loopback labs, tests)
 OFF = "off"
@@ -43,6 +45,16 @@ class NodeSettings:
     # SO_MARK on the agent's own connections, so capture never steers them back to it.
     mark: int = 0x539
     kernel_headers: str | None = None
+    xds_address: str = ""
+    """gRPC target `host:port` of an istiod-compatible xDS server; empty: local config."""
+    ca_address: str = ""
+    """gRPC target of an istiod-compatible CA; empty: the embedded CA."""
+    xds_root_ca: str = "/var/run/secrets/istio/root-cert.pem"
+    ca_root_ca: str = "/var/run/secrets/istio/root-cert.pem"
+    token_path: str = "/var/run/secrets/tokens/istio-token"
+    pod_name: str = ""
+    pod_namespace: str = ""
+    instance_ip: str = ""
 
 
 # (flag, environment variable or None, default, help)
@@ -58,8 +70,39 @@ _FLAGS: list[tuple[str, str | None, str, str]] = [
     ("--cluster-id", "CLUSTER_ID", "Kubernetes", "cluster name for metrics and baggage"),
     ("--secret-ttl", "SECRET_TTL", "24h", "lifetime of workload certificates (e.g. 24h, 90m)"),
     ("--log-format", "LOG_FORMAT", "text", "log format: text or json"),
-    ("--xds-address", "XDS_ADDRESS", "", "istiod-compatible xDS server (not supported yet)"),
-    ("--ca-address", "CA_ADDRESS", "", "istiod-compatible CA server (not supported yet)"),
+    (
+        "--xds-address",
+        "XDS_ADDRESS",
+        "",
+        "istiod-compatible xDS server, https://HOST:PORT (instead of --local-xds-path)",
+    ),
+    (
+        "--ca-address",
+        "CA_ADDRESS",
+        "",
+        "istiod-compatible CA, https://HOST:PORT (default: the embedded CA in --ca-dir)",
+    ),
+    (
+        "--xds-root-ca",
+        "XDS_ROOT_CA",
+        "/var/run/secrets/istio/root-cert.pem",
+        "root certificate that signs the xDS server's certificate",
+    ),
+    (
+        "--ca-root-ca",
+        "CA_ROOT_CA",
+        "/var/run/secrets/istio/root-cert.pem",
+        "root certificate that signs the CA server's certificate",
+    ),
+    (
+        "--token-path",
+        "TOKEN_PATH",
+        "/var/run/secrets/tokens/istio-token",
+        "bearer token for the xDS server and the CA (re-read on every connection)",
+    ),
+    ("--pod-name", "POD_NAME", "", "this agent's pod name (xDS node id)"),
+    ("--pod-namespace", "POD_NAMESPACE", "", "this agent's namespace (xDS node id)"),
+    ("--instance-ip", "INSTANCE_IP", "", "this agent's IP (xDS node id)"),
     (
         "--ca-dir",
         None,
@@ -156,14 +199,13 @@ def from_args(args: argparse.Namespace) -> NodeSettings:
     def v(flag: str) -> str:
         return _value(args, flag)
 
-    for flag in ("--xds-address", "--ca-address"):
-        if v(flag):
-            raise LocalError(
-                f"{flag} (or its environment variable) is not supported yet: "
-                "give the configuration with --local-xds-path / LOCAL_XDS_PATH"
-            )
-    if not v("--local-xds-path"):
-        raise LocalError("--local-xds-path (or LOCAL_XDS_PATH) is required")
+    xds_address = parse_address(v("--xds-address"), "--xds-address") if v("--xds-address") else ""
+    ca_address = parse_address(v("--ca-address"), "--ca-address") if v("--ca-address") else ""
+    if bool(v("--local-xds-path")) == bool(xds_address):
+        raise LocalError(
+            "give the configuration with exactly one of --local-xds-path (LOCAL_XDS_PATH) and "
+            "--xds-address (XDS_ADDRESS)"
+        )
     if v("--log-format") not in ("text", "json"):
         raise LocalError(f"--log-format must be text or json, not {v('--log-format')!r}")
     if v("--unknown-destination") not in ("passthrough", "deny"):
@@ -200,4 +242,12 @@ def from_args(args: argparse.Namespace) -> NodeSettings:
         uplink=v("--uplink"),
         mark=mark,
         kernel_headers=v("--kernel-headers") or None,
+        xds_address=xds_address,
+        ca_address=ca_address,
+        xds_root_ca=v("--xds-root-ca"),
+        ca_root_ca=v("--ca-root-ca"),
+        token_path=v("--token-path"),
+        pod_name=v("--pod-name") or socket.gethostname(),
+        pod_namespace=v("--pod-namespace") or "istio-system",
+        instance_ip=v("--instance-ip"),
     )
