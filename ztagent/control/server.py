@@ -412,7 +412,7 @@ class ControlServer:
 
             self._kube = kube.KubernetesSource()
             self.authenticator = kube.TokenReviewAuthenticator(
-                trust_domain=settings.trust_domain, pod_node=self._pod_node
+                trust_domain=settings.trust_domain, pod_node=self._kube.pod_node
             )
         policy = CaPolicy(settings.cluster_id, settings.trusted_node_agents)
         self.certificates = CountingCertificateService(
@@ -426,12 +426,6 @@ class ControlServer:
         self._admin: HttpServer | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.port = 0
-
-    def _pod_node(self, pod: str) -> str | None:
-        for workload in self.plane.snapshot.workloads:
-            if f"{workload.namespace}/{workload.name}" == pod:
-                return workload.node or None
-        return None
 
     def admin_routes(self) -> dict[str, Handler]:
         def ready(req: Request) -> Response:
