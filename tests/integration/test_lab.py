@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from ztagent.lab import apps, command, demo, netns, state
-from ztagent.lab.command import read_config, write_config
+from ztagent.lab.command import read_resources, write_resources
 from ztagent.lab.topology import APP_PORT, Node, Plan, Pod, Settings, make_plan
 
 PREFIX = "ztlt-"
@@ -139,7 +139,7 @@ def test_up_status_apps_down(lab_dir: Path) -> None:
     plan = make_plan(settings(lab_dir))
     done = lab(lab_dir, "up")
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "[5/5]" in done.stdout
+    assert "[6/6]" in done.stdout
 
     assert sorted(ours(netns.list_netns())) == sorted(plan.namespaces)
     status = lab(lab_dir, "status")
@@ -151,8 +151,11 @@ def test_up_status_apps_down(lab_dir: Path) -> None:
         line = next(line for line in status.stdout.splitlines() if line.startswith(pod.key + " "))
         enrolled = "yes" if pod.enrolled else "no"
         assert pod.ip in line and pod.node in line and f" {enrolled} " in line, status.stdout
-    assert (lab_dir / "config" / "local-config.yaml").exists()
+    for name in ("namespaces.yaml", "pods.yaml", "services.yaml"):
+        assert (lab_dir / "config" / name).exists()
+    assert "control plane: " in status.stdout and ", ready); config errors: 0" in status.stdout
     assert (lab_dir / "logs" / "node-a.log").exists()
+    assert (lab_dir / "logs" / "control.log").exists()
 
     # Every pod's app answers with its own name, and a call between non-enrolled pods on
     # different nodes is direct: the app sees the caller's address.
@@ -164,7 +167,7 @@ def test_up_status_apps_down(lab_dir: Path) -> None:
     assert str(answer["peer"]).rsplit(":", 1)[0] == legacy_b.ip
 
     pids = recorded_pids(lab_dir)
-    assert len(pids) == len(plan.pods) + len(plan.nodes)
+    assert len(pids) == len(plan.pods) + len(plan.nodes) + 1  # and the control plane
     done = lab(lab_dir, "down")
     assert done.returncode == 0, done.stderr
     assert leftovers(lab_dir, pids) == []
@@ -268,12 +271,18 @@ def wait_until(check: Callable[[], bool], timeout: float, step: float = 0.2) -> 
         time.sleep(step)
 
 
-def set_protocol(plan: Plan, key: str, protocol: str) -> None:
-    config = read_config(plan.config_path)
-    found = [w for w in config["workloads"] if w.get("name") == key]
-    assert len(found) == 1, f"{key} not in {plan.config_path}"
-    found[0]["protocol"] = protocol
-    write_config(plan.config_path, config)
+def set_enrolled(plan: Plan, key: str, enrolled: bool) -> None:
+    """Opt a pod out with `istio.io/dataplane-mode: none`, or back in, in the Pod object."""
+    path = plan.resources_dir / "pods.yaml"
+    pods = read_resources(path)
+    found = [p for p in pods if p["metadata"]["name"] == key]
+    assert len(found) == 1, f"{key} not in {path}"
+    labels = found[0]["metadata"].setdefault("labels", {})
+    if enrolled:
+        labels.pop("istio.io/dataplane-mode", None)
+    else:
+        labels["istio.io/dataplane-mode"] = "none"
+    write_resources(path, pods)
 
 
 def tc_filters(node: Node, devices: list[str]) -> dict[str, list[str]]:
@@ -299,14 +308,14 @@ def test_unenrol_and_reenrol_at_runtime_without_reload(lab_dir: Path) -> None:
     assert peer_seen(sleep, b_legacy, "/enrolled") == node_a.ip, node_logs(plan)
     assert peer_seen(a_legacy, b_legacy, "/legacy") == a_legacy.ip
 
-    set_protocol(plan, sleep.key, "TCP")
+    set_enrolled(plan, sleep.key, False)
     assert wait_until(lambda: peer_seen(sleep, b_legacy, "/unenrolled") == sleep.ip, 10.0), (
-        "a-sleep still captured 10s after its protocol became TCP\n" + node_logs(plan)
+        "a-sleep still captured 10s after it opted out\n" + node_logs(plan)
     )
 
-    set_protocol(plan, sleep.key, "HBONE")
+    set_enrolled(plan, sleep.key, True)
     assert wait_until(lambda: peer_seen(sleep, b_legacy, "/reenrolled") == node_a.ip, 10.0), (
-        "a-sleep not captured again 10s after its protocol became HBONE\n" + node_logs(plan)
+        "a-sleep not captured again 10s after it opted back in\n" + node_logs(plan)
     )
     log = plan.log_path("node-a").read_text(errors="replace")
     assert f"released ['{sleep.ip}']" in log and f"enrolled ['{sleep.ip}']" in log, log[-3000:]
@@ -334,11 +343,10 @@ def test_same_node_enrolled_pods(lab_dir: Path) -> None:
     )
     assert status == 200 and hashlib.sha256(body).digest() == hashlib.sha256(sent).digest()
 
-    original = plan.config_path.read_bytes()
     result = demo.check_policy(plan, sleep, a_echo, True)
     assert result.ok, result.detail + "\n" + node_logs(plan)
     assert "refused" in result.detail
-    assert plan.config_path.read_bytes() == original
+    assert not (plan.resources_dir / f"{demo.POLICY_NAME}.yaml").exists()
     assert peer_seen(sleep, a_echo, "/after-policy") == node_a.ip
 
 
@@ -565,3 +573,79 @@ def test_capture_without_kernel_headers_fails_clearly(world_readable_dir: Path) 
     errors = error_lines(output)
     assert len(errors) == 1 and "linux-headers" in errors[0], output
     assert "Traceback" not in output
+
+
+# --------------------------------------------------------------------------- control plane
+
+
+def refused(source: Pod, dest: Pod, path: str) -> bool:
+    try:
+        netns.run_in(source.netns, lambda: apps.request(dest.ip, APP_PORT, path, 0, 2.0))
+    except (OSError, http.client.HTTPException):
+        return True
+    return False
+
+
+def control_record(plan: Plan) -> state.Process:
+    st = state.load(plan.state_path)
+    assert st is not None
+    return next(p for p in reversed(st.processes) if p.name == "control")
+
+
+def test_control_plane_policy_edits_outage_and_bad_files(lab_dir: Path) -> None:
+    plan = lab_up_with_capture(lab_dir)
+    node_b = plan.node("node-b")
+    sleep, b_echo = plan.pod("a-sleep"), plan.pod("b-echo")
+    policy = plan.resources_dir / f"{demo.POLICY_NAME}.yaml"
+    assert peer_seen(sleep, b_echo, "/before") == node_b.ip, node_logs(plan)
+
+    # A policy file written by a user is enforced within 2 s.
+    started = time.monotonic()
+    write_resources(policy, [demo.policy_document(sleep, b_echo)])
+    assert wait_until(lambda: refused(sleep, b_echo, "/deny"), 2.0, 0.05), node_logs(plan)
+    enforced_after = time.monotonic() - started
+    assert enforced_after < 2.0, enforced_after
+    policy.unlink()
+    assert wait_until(lambda: not refused(sleep, b_echo, "/allow"), 2.0, 0.05)
+
+    # A malformed file is reported by name; everything else keeps being served.
+    broken = plan.resources_dir / "broken.yaml"
+    broken.write_text(
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n"
+        "metadata: {name: bad, namespace: demo}\nspec: {action: PERMIT}\n"
+        "---\nkind: [unclosed\n"
+    )
+    errors: list[str] = []
+
+    def reported() -> bool:
+        errors[:] = command.control_dump(plan).get("errors") or []
+        return any("AuthorizationPolicy demo/bad" in e for e in errors) and any(
+            "broken.yaml#1" in e for e in errors
+        )
+
+    assert wait_until(reported, 5.0), errors
+    assert any("spec.action" in e for e in errors), errors
+    assert peer_seen(sleep, b_echo, "/with-bad-file") == node_b.ip
+    status = lab(lab_dir, "status")
+    assert "config errors: 2" in status.stdout, status.stdout
+    broken.unlink()
+
+    # The control plane dies: the agents keep the last config and traffic keeps flowing.
+    record = control_record(plan)
+    os.kill(record.pid, signal.SIGKILL)
+    assert wait_until(lambda: not state.is_running(record.pid, record.start_time), 10.0)
+    for i in range(3):
+        assert peer_seen(sleep, b_echo, f"/no-control-{i}") == node_b.ip, node_logs(plan)
+        time.sleep(0.5)
+    assert command.readiness(plan, node_b) == "ready"
+
+    # A policy written while it is down applies once it is back: the agents resync.
+    write_resources(policy, [demo.policy_document(sleep, b_echo)])
+    st = state.load(plan.state_path)
+    assert st is not None
+    command.wait_control(plan, command.start_control(plan, st))
+    assert wait_until(lambda: refused(sleep, b_echo, "/resynced"), 20.0, 0.1), node_logs(plan)
+    policy.unlink()
+    assert wait_until(lambda: not refused(sleep, b_echo, "/allowed-again"), 5.0, 0.1)
+    log = plan.log_path("node-a").read_text(errors="replace")
+    assert "keeping the last config, reconnecting" in log, log[-3000:]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import http.client
+import json
 import os
 import socket
 import subprocess
@@ -14,13 +15,17 @@ from typing import Any
 
 import yaml
 
-from ztagent.identity.ca import CertificateAuthority
+from ztagent.control.auth import TOKEN_SIGNING_KEY, TokenSigner
+from ztagent.identity.ca import ROOT_CERT, CertificateAuthority
+from ztagent.identity.certs import write_file
 from ztagent.lab import netns, state
 from ztagent.lab.topology import (
+    AGENT_NAMESPACE,
+    AGENT_SERVICE_ACCOUNT,
     APP_PORT,
     ENROLLED_NAMESPACE,
     GATEWAY,
-    SERVICE_HOST,
+    LEGACY_NAMESPACE,
     SERVICE_PORT,
     TRUST_DOMAIN,
     LabError,
@@ -50,59 +55,89 @@ def say(message: str) -> None:
 # --------------------------------------------------------------------------- config
 
 
-def lab_config(plan: Plan) -> dict[str, Any]:
-    """The ztunnel local-config for the lab: every pod, the echo service, no policies."""
-    service_key = f"{ENROLLED_NAMESPACE}/{SERVICE_HOST}"
-    echo_id = next(p.identity for p in plan.pods if p.app == "echo")
-    workloads: list[dict[str, Any]] = []
-    for pod in plan.pods:
-        item: dict[str, Any] = {
-            "uid": pod.uid,
-            "name": pod.key,
-            "namespace": pod.namespace,
-            "serviceAccount": pod.service_account,
-            "workloadIps": [pod.ip],
-            "protocol": "HBONE" if pod.enrolled else "TCP",
-            "node": pod.node,
-            "network": "",
-            "workloadName": pod.app,
-            "canonicalName": pod.app,
+def lab_resources(plan: Plan) -> dict[str, list[dict[str, Any]]]:
+    """The lab as Kubernetes objects, file by file: the namespaces (`demo` labelled
+    `istio.io/dataplane-mode=ambient`, `legacy` not), one Pod per lab pod (IP, node, service
+    account, labels, Ready) and the `echo` Service. `ztagent control` translates them."""
+    namespaces = [
+        {
+            "apiVersion": "v1",
+            "kind": "Namespace",
+            "metadata": {
+                "name": ENROLLED_NAMESPACE,
+                "labels": {"istio.io/dataplane-mode": "ambient"},
+            },
+        },
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": LEGACY_NAMESPACE}},
+    ]
+    pods = [
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": pod.key,
+                "namespace": pod.namespace,
+                "labels": {"app": pod.app},
+            },
+            "spec": {
+                "nodeName": pod.node,
+                "serviceAccountName": pod.service_account,
+                "containers": [
+                    {"name": pod.app, "ports": [{"name": "http", "containerPort": APP_PORT}]}
+                ],
+            },
+            "status": {
+                "phase": "Running",
+                "podIP": pod.ip,
+                "podIPs": [{"ip": pod.ip}],
+                "conditions": [{"type": "Ready", "status": "True"}],
+            },
         }
-        if pod.app == "echo":
-            item["services"] = {service_key: {SERVICE_PORT: APP_PORT}}
-        workloads.append(item)
-    return {
-        "workloads": workloads,
-        "services": [
-            {
-                "name": "echo",
-                "namespace": ENROLLED_NAMESPACE,
-                "hostname": SERVICE_HOST,
-                "vips": [f"/{plan.service_vip}"],
-                "ports": {SERVICE_PORT: APP_PORT},
-                "subjectAltNames": [echo_id],
-            }
-        ],
-        "policies": [],
-    }
+        for pod in plan.pods
+    ]
+    services = [
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": "echo", "namespace": ENROLLED_NAMESPACE},
+            "spec": {
+                "selector": {"app": "echo"},
+                "clusterIP": plan.service_vip,
+                "ports": [{"name": "http", "port": SERVICE_PORT, "targetPort": "http"}],
+            },
+        }
+    ]
+    return {"namespaces.yaml": namespaces, "pods.yaml": pods, "services.yaml": services}
 
 
-def write_config(path: Path, config: dict[str, Any]) -> None:
-    """Replace the file at once, so the agents' watchers never read half of it."""
+def write_resources(path: Path, documents: list[dict[str, Any]]) -> None:
+    """Replace one YAML file at once, so the control plane never reads half of it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(yaml.safe_dump(config, sort_keys=False))
+    tmp.write_text(yaml.safe_dump_all(documents, sort_keys=False))
     os.replace(tmp, path)
 
 
-def read_config(path: Path) -> dict[str, Any]:
+def read_resources(path: Path) -> list[dict[str, Any]]:
     try:
-        data = yaml.safe_load(path.read_text())
+        documents = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
     except (OSError, yaml.YAMLError) as exc:
-        raise LabError(f"cannot read the lab config {path}: {exc}") from None
-    if not isinstance(data, dict):
-        raise LabError(f"{path}: the top level must be a mapping")
-    return data
+        raise LabError(f"cannot read {path}: {exc}") from None
+    if not all(isinstance(d, dict) for d in documents):
+        raise LabError(f"{path}: every document must be a mapping")
+    return documents
+
+
+def issue_tokens(plan: Plan) -> None:
+    """One token per node agent, bound to its node (the CA lets it ask for that node's pods)."""
+    signer = TokenSigner(plan.ca_dir / TOKEN_SIGNING_KEY, trust_domain=TRUST_DOMAIN)
+    for node in plan.nodes:
+        token = signer.issue(
+            AGENT_NAMESPACE, AGENT_SERVICE_ACCOUNT, node=node.name, pod=f"ztagent-{node.name}"
+        )
+        path = plan.token_path(node.name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_file(path, token.encode(), 0o600)
 
 
 # --------------------------------------------------------------------------- HTTP in a netns
@@ -173,6 +208,7 @@ def build_network(plan: Plan, st: state.State) -> None:
     netns.ip("link", "add", plan.bridge, "type", "bridge", netns=under)
     netns.ip("link", "set", plan.bridge, "up", netns=under)
     prefixlen = plan.settings.underlay_cidr.split("/")[1]
+    netns.ip("addr", "add", f"{plan.control_ip}/{prefixlen}", "dev", plan.bridge, netns=under)
     for node in plan.nodes:
         _record_netns(plan, st, node.netns)
         netns.ip(
@@ -217,7 +253,20 @@ def build_network(plan: Plan, st: state.State) -> None:
         )
 
 
-AGENT_ENV_DROPPED = ("XDS_ADDRESS", "CA_ADDRESS", "LOCAL_XDS_PATH", "NODE_NAME")
+AGENT_ENV_DROPPED = (
+    "XDS_ADDRESS",
+    "CA_ADDRESS",
+    "LOCAL_XDS_PATH",
+    "NODE_NAME",
+    "XDS_ROOT_CA",
+    "CA_ROOT_CA",
+    "TOKEN_PATH",
+    "POD_NAME",
+    "POD_NAMESPACE",
+    "INSTANCE_IP",
+    "CLUSTER_ID",
+    "TRUST_DOMAIN",
+)
 
 
 def start_process(
@@ -254,18 +303,89 @@ def start_process(
     return record
 
 
+def control_command(plan: Plan) -> list[str]:
+    ip = plan.control_ip
+    return [
+        sys.executable,
+        "-m",
+        "ztagent",
+        "control",
+        "--config-dir",
+        str(plan.resources_dir.resolve()),
+        "--ca-dir",
+        str(plan.ca_dir.resolve()),
+        "--listen",
+        f"{ip}:{plan.control_address[1]}",
+        "--admin",
+        f"{ip}:{plan.control_admin[1]}",
+        "--serving-name",
+        ip,
+        "--trusted-node-agents",
+        f"{AGENT_NAMESPACE}/{AGENT_SERVICE_ACCOUNT}",
+    ]
+
+
+def control_ready(plan: Plan) -> str:
+    try:
+        status, body = http_get(plan.underlay_netns, plan.control_admin, "/ready", 1.0)
+    except (OSError, http.client.HTTPException, LabError) as exc:
+        return f"unreachable ({exc.__class__.__name__})"
+    return "ready" if status == 200 else body.decode(errors="replace").strip() or str(status)
+
+
+def control_dump(plan: Plan) -> dict[str, Any]:
+    status, body = http_get(plan.underlay_netns, plan.control_admin, "/debug/config_dump", 3.0)
+    if status != 200:
+        raise LabError(f"control plane /debug/config_dump: HTTP {status}")
+    data = json.loads(body)
+    if not isinstance(data, dict):
+        raise LabError("control plane /debug/config_dump: not a JSON object")
+    return data
+
+
+def start_control(plan: Plan, st: state.State) -> state.Process:
+    env = {k: v for k, v in os.environ.items() if k not in AGENT_ENV_DROPPED}
+    return start_process(plan, st, "control", plan.underlay_netns, control_command(plan), env)
+
+
+def wait_control(plan: Plan, record: state.Process) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT
+    while True:
+        if not state.is_running(record.pid, record.start_time):
+            raise LabError(f"the control plane exited:\n{_log_tail(record.log)}")
+        if control_ready(plan) == "ready":
+            return
+        if time.monotonic() >= deadline:
+            raise LabError(f"the control plane is not ready after {READY_TIMEOUT:g}s")
+        time.sleep(0.1)
+
+
 def agent_command(plan: Plan, node: Node, capture: bool) -> list[str]:
+    control = f"{plan.control_ip}:{plan.control_address[1]}"
+    root = str((plan.ca_dir / ROOT_CERT).resolve())
     command = [
         sys.executable,
         "-m",
         "ztagent",
         "node",
-        "--local-xds-path",
-        str(plan.config_path.resolve()),
+        "--xds-address",
+        f"https://{control}",
+        "--ca-address",
+        f"https://{control}",
+        "--xds-root-ca",
+        root,
+        "--ca-root-ca",
+        root,
+        "--token-path",
+        str(plan.token_path(node.name).resolve()),
+        "--pod-name",
+        f"ztagent-{node.name}",
+        "--pod-namespace",
+        AGENT_NAMESPACE,
+        "--instance-ip",
+        node.ip,
         "--node-name",
         node.name,
-        "--ca-dir",
-        str(plan.ca_dir.resolve()),
         "--admin-addr",
         f"{node.admin[0]}:{node.admin[1]}",
         "--metrics-addr",
@@ -354,14 +474,18 @@ def _up(plan: Plan) -> int:
     st = state.State(plan.prefix, plan.settings.pod_cidr, plan.settings.underlay_cidr)
     state.save(plan.state_path, st)
     started = time.monotonic()
-    say(f"[1/5] config and CA in {plan.directory}")
+    say(f"[1/6] Kubernetes objects, CA and node-agent tokens in {plan.directory}")
     if plan.ca_dir.exists() and not any(plan.ca_dir.iterdir()):
         plan.ca_dir.rmdir()
     CertificateAuthority.load_or_create(plan.ca_dir, TRUST_DOMAIN)
-    write_config(plan.config_path, lab_config(plan))
-    say(f"[2/5] network: {len(plan.namespaces)} namespaces, underlay {plan.settings.underlay_cidr}")
+    for name, documents in lab_resources(plan).items():
+        write_resources(plan.resources_dir / name, documents)
+    issue_tokens(plan)
+    say(f"[2/6] network: {len(plan.namespaces)} namespaces, underlay {plan.settings.underlay_cidr}")
     build_network(plan, st)
-    say(f"[3/5] echo apps in {len(plan.pods)} pods")
+    say(f"[3/6] control plane on {plan.control_ip}:{plan.control_address[1]} (xDS + CA, TLS)")
+    wait_control(plan, start_control(plan, st))
+    say(f"[4/6] echo apps in {len(plan.pods)} pods")
     records: dict[str, state.Process] = {}
     for pod in plan.pods:
         command = [
@@ -378,7 +502,7 @@ def _up(plan: Plan) -> int:
     capture = capture_supported()
     st.capture = capture
     mode = "with eBPF capture" if capture else "WITHOUT capture (this ztagent has no --capture)"
-    say(f"[4/5] agents {mode}")
+    say(f"[5/6] agents {mode}, configured over xDS")
     for node in plan.nodes:
         command = agent_command(plan, node, capture)
         env = {k: v for k, v in os.environ.items() if k not in AGENT_ENV_DROPPED}
@@ -386,7 +510,7 @@ def _up(plan: Plan) -> int:
     wait_agents(plan, records)
     st.phase = "up"
     state.save(plan.state_path, st)
-    say(f"[5/5] up in {time.monotonic() - started:.1f}s; config: {plan.config_path}")
+    say(f"[6/6] up in {time.monotonic() - started:.1f}s; config: {plan.resources_dir}")
     print_status(plan)
     return 0
 
@@ -437,11 +561,12 @@ def print_status(plan: Plan) -> int:
         print(f"no lab in {plan.directory} (prefix {plan.prefix})")
         return 1
     config: dict[str, Any] = {}
-    if plan.config_path.exists():
+    control = control_ready(plan)
+    if control == "ready":
         try:
-            config = read_config(plan.config_path)
-        except LabError as exc:
-            print(f"config: {exc}")
+            config = control_dump(plan)
+        except (OSError, ValueError, http.client.HTTPException, LabError) as exc:
+            print(f"control plane: {exc}")
     protocols = {
         str(w.get("name")): str(w.get("protocol", ""))
         for w in config.get("workloads") or []
@@ -499,7 +624,15 @@ def print_status(plan: Plan) -> int:
     print()
     capture = "on" if st and st.capture else "off"
     phase = st.phase if st else "unknown"
-    print(f"state: {phase}; capture: {capture}; config: {plan.config_path}; logs: {plan.log_dir}")
+    rec = procs.get("control")
+    running = rec is not None and state.is_running(rec.pid, rec.start_time or None)
+    ok = ok and control == "ready"
+    print(
+        f"control plane: {plan.control_ip}:{plan.control_address[1]} "
+        f"({'pid ' + str(rec.pid) if rec and running else 'not running'}, {control}); "
+        f"config errors: {len(config.get('errors') or [])}"
+    )
+    print(f"state: {phase}; capture: {capture}; config: {plan.resources_dir}; logs: {plan.log_dir}")
     return 0 if ok else 1
 
 

@@ -29,7 +29,7 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from ztagent.lab import apps, netns, state
-from ztagent.lab.command import http_get, read_config, say, write_config
+from ztagent.lab.command import http_get, say, write_resources
 from ztagent.lab.topology import HBONE_PORT, LabError, Plan, Pod
 
 ETH_P_ALL = 0x0003
@@ -363,27 +363,29 @@ def _wait(check: Callable[[], bool], timeout: float) -> bool:
         time.sleep(0.2)
 
 
-def check_policy(plan: Plan, source: Pod, dest: Pod, capture: bool) -> Result:
-    name = f"L4 DENY policy refuses {source.key} -> {dest.key}"
-    original = read_config(plan.config_path)
-    key = f"{dest.namespace}/{POLICY_NAME}"
-    config = json.loads(json.dumps(original))
-    config.setdefault("policies", [])
-    config["policies"] = [
-        *(config["policies"] or []),
-        {
-            "name": POLICY_NAME,
-            "namespace": dest.namespace,
-            "scope": "WorkloadSelector",
-            "action": "Deny",
-            "dryRun": False,
-            "rules": [[[{"principals": [{"Exact": source.identity.removeprefix("spiffe://")}]}]]],
+def policy_document(source: Pod, dest: Pod) -> dict[str, Any]:
+    """An Istio AuthorizationPolicy: DENY `source`'s identity on the pods of `dest`'s app."""
+    return {
+        "apiVersion": "security.istio.io/v1",
+        "kind": "AuthorizationPolicy",
+        "metadata": {"name": POLICY_NAME, "namespace": dest.namespace},
+        "spec": {
+            "selector": {"matchLabels": {"app": dest.app}},
+            "action": "DENY",
+            "rules": [
+                {"from": [{"source": {"principals": [source.identity.removeprefix("spiffe://")]}}]}
+            ],
         },
-    ]
-    for item in config.get("workloads") or []:
-        if item.get("uid") == dest.uid:
-            item["authorizationPolicies"] = [*(item.get("authorizationPolicies") or []), key]
-    write_config(plan.config_path, config)
+    }
+
+
+def check_policy(plan: Plan, source: Pod, dest: Pod, capture: bool) -> Result:
+    """Write an AuthorizationPolicy file into the control plane's directory, see the agent
+    enforce it, delete the file, see the call pass again."""
+    name = f"L4 DENY policy refuses {source.key} -> {dest.key}"
+    key = f"{dest.namespace}/{POLICY_NAME}"
+    path = plan.resources_dir / f"{POLICY_NAME}.yaml"
+    write_resources(path, [policy_document(source, dest)])
     try:
         if not _wait(lambda: key in _policy_keys(plan, dest.node), CONFIG_TIMEOUT):
             return Result(name, False, f"{dest.node} did not load {key} in {CONFIG_TIMEOUT:g}s")
@@ -398,7 +400,7 @@ def check_policy(plan: Plan, source: Pod, dest: Pod, capture: bool) -> Result:
         except CallError as exc:
             refused = f"refused ({exc})"
     finally:
-        write_config(plan.config_path, original)
+        path.unlink(missing_ok=True)
     if not _wait(lambda: key not in _policy_keys(plan, dest.node), CONFIG_TIMEOUT):
         return Result(name, False, f"{refused}, but {dest.node} kept {key} after its removal")
     try:

@@ -30,6 +30,10 @@ ADMIN_PORT = 15000
 METRICS_PORT = 15020
 READINESS_PORT = 15021
 HBONE_PORT = 15008
+CONTROL_PORT = 15012
+CONTROL_ADMIN_PORT = 15014
+AGENT_NAMESPACE = "ztagent-system"
+AGENT_SERVICE_ACCOUNT = "ztagent"
 MAX_IFNAME = 15
 _PREFIX_RE = re.compile(r"^[a-z][a-z0-9-]{0,7}$")
 
@@ -125,8 +129,25 @@ class Plan:
         return self.directory / "state.json"
 
     @property
-    def config_path(self) -> Path:
-        return self.directory / "config" / "local-config.yaml"
+    def resources_dir(self) -> Path:
+        """The Kubernetes/Istio YAML `ztagent control` serves (watched: edits apply)."""
+        return self.directory / "config"
+
+    @property
+    def control_ip(self) -> str:
+        """The control plane's address, on the underlay bridge (the underlay's .2)."""
+        return str(ipaddress.ip_network(self.settings.underlay_cidr).network_address + 2)
+
+    @property
+    def control_address(self) -> tuple[str, int]:
+        return (self.control_ip, CONTROL_PORT)
+
+    @property
+    def control_admin(self) -> tuple[str, int]:
+        return (self.control_ip, CONTROL_ADMIN_PORT)
+
+    def token_path(self, node: str) -> Path:
+        return self.directory / "tokens" / f"{node}.token"
 
     @property
     def ca_dir(self) -> Path:
