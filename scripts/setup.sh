@@ -17,6 +17,9 @@ APT_PACKAGES=(
     openssl
     iproute2
     python3-bpfcc
+    # tests/deploy: `ruby -c` parses the Vagrantfile, shellcheck lints the provisioning scripts
+    ruby
+    shellcheck
 )
 APT_PACKAGES+=("$@")
 
