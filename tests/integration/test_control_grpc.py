@@ -93,9 +93,11 @@ class Control:
     def channel(self) -> grpc.aio.Channel:
         return grpc.aio.secure_channel(self.target, grpc.ssl_channel_credentials(self.roots))
 
-    def metadata(self, token: str | None = None, cluster: str = "Kubernetes") -> list[Any]:
+    def metadata(
+        self, token: str | None = None, cluster: str = "Kubernetes", *, with_token: bool = True
+    ) -> list[Any]:
         md = [("clusterid", cluster)]
-        if token is not False:
+        if with_token:
             md.append(("authorization", f"Bearer {token or self.token(node='node-a')}"))
         return md
 
@@ -343,7 +345,7 @@ def test_two_clients_with_different_views(tmp_path):
 def test_xds_requires_a_valid_token(tmp_path):
     async def scenario(c: Control) -> None:
         for metadata, code in (
-            (c.metadata(token=False), grpc.StatusCode.UNAUTHENTICATED),  # type: ignore[arg-type]
+            (c.metadata(with_token=False), grpc.StatusCode.UNAUTHENTICATED),
             (c.metadata("not-a-token"), grpc.StatusCode.UNAUTHENTICATED),
             (c.metadata(cluster="other"), grpc.StatusCode.UNAUTHENTICATED),
         ):

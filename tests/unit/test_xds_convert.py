@@ -100,7 +100,7 @@ def test_bad_resources_name_the_field():
     assert invalid(workload_pb.Address(workload=workload_pb.Workload(name="x"))) == (
         "uid: must not be empty"
     )
-    bad = workload_pb.Workload(uid="u", name="a", namespace="ns", tunnel_protocol=7)
+    bad = workload_pb.Workload(uid="u", name="a", namespace="ns", tunnel_protocol=7)  # type: ignore[arg-type]
     assert invalid(workload_pb.Address(workload=bad)).startswith("tunnel_protocol: unknown")
     bad = workload_pb.Workload(uid="u", namespace="ns", service_account="a/b")
     assert invalid(workload_pb.Address(workload=bad)).startswith("service_account:")
@@ -117,7 +117,7 @@ def test_bad_resources_name_the_field():
     svc = workload_pb.Service(name="s", namespace="ns")
     assert invalid(workload_pb.Address(service=svc)) == "hostname: must not be empty"
 
-    policy = security_pb.Authorization(name="p", namespace="ns", action=1)
+    policy = security_pb.Authorization(name="p", namespace="ns", action=security_pb.DENY)
     match = policy.rules.add().clauses.add().matches.add()
     match.source_ips.add(address=bytes(4), length=33)
     assert invalid(policy) == (

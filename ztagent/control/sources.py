@@ -27,6 +27,8 @@ import yaml
 from ztagent.model.localconfig import MAX_CONFIG_BYTES, ObjectError
 
 SUFFIXES = (".yaml", ".yml", ".json")
+_LOADER: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+"""libyaml's parser when PyYAML has it (about 8x faster on large directories)."""
 
 _DOCUMENT_START = re.compile(r"^---(?:[ \t].*)?$")
 _DOCUMENT_END = re.compile(r"^\.\.\.[ \t]*$")
@@ -176,7 +178,7 @@ def parse_documents(text: str | bytes, file: str = "<input>") -> SourceBatch:
         if not _has_content(chunk):
             continue
         try:
-            document = yaml.safe_load(chunk)
+            document = yaml.load(chunk, Loader=_LOADER)
         except yaml.YAMLError as exc:
             errors.append(ResourceError("", index, None, "", _yaml_problem(exc, first_line), file))
             index += 1

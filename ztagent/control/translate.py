@@ -41,7 +41,15 @@ from typing import Any
 
 from ztagent.control.sources import Resource, ResourceError
 from ztagent.identity.spiffe import DEFAULT_TRUST_DOMAIN, Identity, InvalidIdentity
-from ztagent.model.fields import Invalid, join, show, type_name
+from ztagent.model.fields import Invalid, show
+from ztagent.model.fields import at as _at
+from ztagent.model.fields import kube_type_name as _type_name
+from ztagent.model.fields import labels as _labels
+from ztagent.model.fields import mapping as _map
+from ztagent.model.fields import only as _only
+from ztagent.model.fields import sequence as _list
+from ztagent.model.fields import string as _str
+from ztagent.model.fields import strings as _strings
 from ztagent.model.localconfig import ConfigSnapshot
 from ztagent.model.policy import (
     Action,
@@ -122,72 +130,6 @@ class Translation:
 
     snapshot: ConfigSnapshot
     notes: tuple[ResourceError, ...] = ()
-
-
-def _type_name(value: object) -> str:
-    # Kubernetes objects say "a number" for any number (its schema's own wording).
-    if isinstance(value, int) and not isinstance(value, bool):
-        return "a number"
-    return type_name(value)
-
-
-def _at(path: str, key: str | int) -> str:
-    return join(path, key, quote_odd=True)
-
-
-def _map(value: object, path: str) -> dict[str, Any]:
-    """A mapping with string keys; null is an empty mapping."""
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise Invalid(path, f"must be a mapping, got {_type_name(value)}")
-    for key in value:
-        if not isinstance(key, str):
-            raise Invalid(path, f"key {show(key)} must be a string")
-    return value
-
-
-def _list(value: object, path: str) -> list[Any]:
-    if value is None:
-        return []
-    if not isinstance(value, list):
-        raise Invalid(path, f"must be a list, got {_type_name(value)}")
-    return value
-
-
-def _str(value: object, path: str, default: str = "") -> str:
-    if value is None:
-        return default
-    if not isinstance(value, str):
-        raise Invalid(path, f"must be a string, got {_type_name(value)}")
-    return value
-
-
-def _only(data: Mapping[str, Any], path: str, known: Iterable[str]) -> None:
-    allowed = set(known)
-    for key in data:
-        if key not in allowed:
-            raise Invalid(_at(path, key), "unknown field")
-
-
-def _labels(value: object, path: str) -> dict[str, str]:
-    labels = _map(value, path)
-    for key, item in labels.items():
-        if not isinstance(item, str):
-            raise Invalid(_at(path, key), f"must be a string, got {_type_name(item)}")
-    return labels
-
-
-def _strings(value: object, path: str) -> list[str]:
-    """A list of non-empty strings (Istio rejects empty values)."""
-    out = []
-    for i, item in enumerate(_list(value, path)):
-        if not isinstance(item, str):
-            raise Invalid(_at(path, i), f"must be a string, got {_type_name(item)}")
-        if not item:
-            raise Invalid(_at(path, i), "must not be empty")
-        out.append(item)
-    return out
 
 
 def _port(value: object, path: str, *, low: int = 1) -> int:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 
 class Invalid(Exception):
@@ -57,3 +59,75 @@ def join(path: str, key: str | int, *, quote_odd: bool = False) -> str:
     if quote_odd and not _PLAIN_KEY.fullmatch(key):
         return f"{path}[{json.dumps(key)}]"
     return f"{path}.{key}" if path else key
+
+
+# --- Kubernetes-style objects (camelCase YAML as users write it) --------------------------------
+
+
+def kube_type_name(value: object) -> str:
+    """Kubernetes objects say "a number" for any number (its schema's own wording)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return "a number"
+    return type_name(value)
+
+
+def at(path: str, key: str | int) -> str:
+    """`join` with odd keys quoted, so label keys read well in a field path."""
+    return join(path, key, quote_odd=True)
+
+
+def mapping(value: object, path: str) -> dict[str, Any]:
+    """A mapping with string keys; null is an empty mapping."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise Invalid(path, f"must be a mapping, got {kube_type_name(value)}")
+    for key in value:
+        if not isinstance(key, str):
+            raise Invalid(path, f"key {show(key)} must be a string")
+    return value
+
+
+def sequence(value: object, path: str) -> list[Any]:
+    """A list; null is an empty list."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise Invalid(path, f"must be a list, got {kube_type_name(value)}")
+    return value
+
+
+def string(value: object, path: str, default: str = "") -> str:
+    if value is None:
+        return default
+    if not isinstance(value, str):
+        raise Invalid(path, f"must be a string, got {kube_type_name(value)}")
+    return value
+
+
+def only(data: Mapping[str, Any], path: str, known: Iterable[str]) -> None:
+    """Unknown fields are errors, so a typo is never silently ignored."""
+    allowed = set(known)
+    for key in data:
+        if key not in allowed:
+            raise Invalid(at(path, key), "unknown field")
+
+
+def labels(value: object, path: str) -> dict[str, str]:
+    result = mapping(value, path)
+    for key, item in result.items():
+        if not isinstance(item, str):
+            raise Invalid(at(path, key), f"must be a string, got {kube_type_name(item)}")
+    return result
+
+
+def strings(value: object, path: str) -> list[str]:
+    """A list of non-empty strings (Istio rejects empty values)."""
+    out = []
+    for i, item in enumerate(sequence(value, path)):
+        if not isinstance(item, str):
+            raise Invalid(at(path, i), f"must be a string, got {kube_type_name(item)}")
+        if not item:
+            raise Invalid(at(path, i), "must not be empty")
+        out.append(item)
+    return out

@@ -41,7 +41,13 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
 from ztagent.control.sources import Resource, ResourceError
-from ztagent.model.fields import Invalid, join, show, type_name
+from ztagent.model.fields import Invalid, show
+from ztagent.model.fields import at as _at
+from ztagent.model.fields import kube_type_name as _type_name
+from ztagent.model.fields import mapping as _map
+from ztagent.model.fields import only as _only
+from ztagent.model.fields import sequence as _list
+from ztagent.model.fields import string as _str
 from ztagent.waypoint.balancer import (
     DEFAULT_MINIMUM_RING_SIZE,
     Algorithm,
@@ -388,56 +394,12 @@ class _Reader:
         log.debug("%s %s: %s: %s", KIND, self.key, path, reason)
 
 
-def _kube_type(value: object) -> str:
-    if isinstance(value, int) and not isinstance(value, bool):
-        return "a number"
-    return type_name(value)
-
-
-def _at(path: str, key: str | int) -> str:
-    return join(path, key, quote_odd=True)
-
-
-def _map(value: object, path: str) -> dict[str, Any]:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise Invalid(path, f"must be a mapping, got {_kube_type(value)}")
-    for key in value:
-        if not isinstance(key, str):
-            raise Invalid(path, f"key {show(key)} must be a string")
-    return value
-
-
-def _list(value: object, path: str) -> list[Any]:
-    if value is None:
-        return []
-    if not isinstance(value, list):
-        raise Invalid(path, f"must be a list, got {_kube_type(value)}")
-    return value
-
-
-def _str(value: object, path: str) -> str:
-    if value is None:
-        return ""
-    if not isinstance(value, str):
-        raise Invalid(path, f"must be a string, got {_kube_type(value)}")
-    return value
-
-
 def _bool(value: object, path: str) -> bool:
     if value is None:
         return False
     if not isinstance(value, bool):
-        raise Invalid(path, f"must be a boolean, got {_kube_type(value)}")
+        raise Invalid(path, f"must be a boolean, got {_type_name(value)}")
     return value
-
-
-def _only(data: Mapping[str, Any], path: str, known: Iterable[str]) -> None:
-    allowed = set(known)
-    for key in data:
-        if key not in allowed:
-            raise Invalid(_at(path, key), "unknown field")
 
 
 def _int(value: object, path: str, *, maximum: int = 2**31 - 1) -> int | None:
@@ -445,7 +407,7 @@ def _int(value: object, path: str, *, maximum: int = 2**31 - 1) -> int | None:
     if value is None:
         return None
     if not isinstance(value, int) or isinstance(value, bool):
-        raise Invalid(path, f"must be an integer, got {_kube_type(value)}")
+        raise Invalid(path, f"must be an integer, got {_type_name(value)}")
     if value < 0:
         raise Invalid(path, f"{value} must not be negative")
     if value > maximum:
@@ -501,7 +463,7 @@ def _duration(value: object, path: str) -> float | None:
     if value is None:
         return None
     if not isinstance(value, str):
-        raise Invalid(path, f'must be a duration string such as "10s", got {_kube_type(value)}')
+        raise Invalid(path, f'must be a duration string such as "10s", got {_type_name(value)}')
     try:
         nanos = parse_duration(value.strip())
     except ValueError:
@@ -847,7 +809,7 @@ def _subsets(r: _Reader, value: object, path: str) -> tuple[Subset, ...]:
         labels = _map(data.get("labels"), labels_path)
         for key, label in labels.items():
             if not isinstance(label, str):
-                raise Invalid(_at(labels_path, key), f"must be a string, got {_kube_type(label)}")
+                raise Invalid(_at(labels_path, key), f"must be a string, got {_type_name(label)}")
         policy = _traffic_policy(r, data.get("trafficPolicy"), _at(item_path, "trafficPolicy"))
         subsets.append(Subset(name, dict(labels), policy))
     return tuple(subsets)

@@ -51,17 +51,17 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from ztagent.control.sources import Resource, ResourceError
 from ztagent.model.fields import Invalid, show, type_name
+from ztagent.model.fields import at as _at
+from ztagent.model.fields import mapping as _map
+from ztagent.model.fields import only as _only
+from ztagent.model.fields import sequence as _list
+from ztagent.model.fields import string as _str
+from ztagent.model.fields import strings as _strings
 from ztagent.waypoint.authz import (
     API_VERSIONS,
     DEFAULT_ROOT_NAMESPACE,
     RequestAuth,
     TargetRef,
-    _at,
-    _list,
-    _map,
-    _only,
-    _str,
-    _strings,
     read_target_refs,
     resource_error,
 )

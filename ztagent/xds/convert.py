@@ -50,7 +50,7 @@ _TUNNEL = {
     TunnelProtocol.HBONE: workload_pb.HBONE,
     TunnelProtocol.LEGACY_ISTIO_MTLS: workload_pb.LEGACY_ISTIO_MTLS,
 }
-_TUNNEL_BACK = {v: k for k, v in _TUNNEL.items()}
+_TUNNEL_BACK: dict[int, TunnelProtocol] = {int(v): k for k, v in _TUNNEL.items()}
 _WORKLOAD_TYPES = {
     "deployment": workload_pb.DEPLOYMENT,
     "cronjob": workload_pb.CRONJOB,
@@ -63,9 +63,9 @@ _SCOPES = {
     Scope.NAMESPACE: security_pb.NAMESPACE,
     Scope.WORKLOAD_SELECTOR: security_pb.WORKLOAD_SELECTOR,
 }
-_SCOPES_BACK = {v: k for k, v in _SCOPES.items()}
+_SCOPES_BACK: dict[int, Scope] = {int(v): k for k, v in _SCOPES.items()}
 _ACTIONS = {Action.ALLOW: security_pb.ALLOW, Action.DENY: security_pb.DENY}
-_ACTIONS_BACK = {v: k for k, v in _ACTIONS.items()}
+_ACTIONS_BACK: dict[int, Action] = {int(v): k for k, v in _ACTIONS.items()}
 
 
 # --- encoding (control plane) ------------------------------------------------------------------
