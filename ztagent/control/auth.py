@@ -15,7 +15,6 @@ whether a node agent may impersonate a workload).
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,10 +22,11 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import jwt
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from ztagent.errors import LocalError, ZtagentError
+from ztagent.identity.certs import read_file, write_file
+from ztagent.identity.keys import InvalidKey, generate_key, key_to_pem, load_key
 from ztagent.identity.spiffe import DEFAULT_TRUST_DOMAIN, Identity, InvalidIdentity
 
 AUDIENCE = "istio-ca"
@@ -94,21 +94,14 @@ def service_account_identity(username: str, trust_domain: str) -> Identity:
 
 
 def _load_or_create_key(path: Path) -> ec.EllipticCurvePrivateKey:
-    if path.exists():
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-        if not isinstance(key, ec.EllipticCurvePrivateKey):
-            raise LocalError(f"{path}: not an EC private key")
-        return key
-    key = ec.generate_private_key(ec.SECP256R1())
-    pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as out:
-        out.write(pem)
+    if not path.exists():
+        write_file(path, key_to_pem(generate_key()), 0o600)
+    try:
+        key = load_key(read_file(path))
+    except InvalidKey as exc:
+        raise LocalError(f"{path}: {exc}") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise LocalError(f"{path}: not an EC private key")
     return key
 
 

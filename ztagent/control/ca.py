@@ -137,8 +137,6 @@ class CertificateService(ca_pb2_grpc.IstioCertificateServiceServicer):
         self._authenticator = authenticator
         self._policy = policy
         self._identities_on_node = identities_on_node
-        self.issued = 0
-        self.refused = 0
 
     async def authenticate(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> Caller:
         """The caller of a request (shared with the xDS service)."""
@@ -201,8 +199,6 @@ class CertificateService(ca_pb2_grpc.IstioCertificateServiceServicer):
         try:
             chain = await self.sign(request, context.invocation_metadata())
         except CertificateRefused as exc:
-            self.refused += 1
             log.warning("certificate refused (%s): %s", context.peer(), exc)
             await context.abort(exc.code, str(exc))
-        self.issued += 1
         return ca_pb2.IstioCertificateResponse(cert_chain=chain)

@@ -481,16 +481,13 @@ class ControlServer:
             self._tasks.append(asyncio.create_task(self._watch(DirectorySource(s.config_dir))))
 
     async def _watch(self, source: DirectorySource) -> None:
-        first = True
+        source.poll()
+        self.plane.publish(source.batch)
+        self.plane.apply_now()  # serve the first read at once, without the debounce
         while True:
-            if source.poll() or first:
-                if first:
-                    self.plane.publish(source.batch)
-                    self.plane.apply_now()  # serve the first read at once
-                    first = False
-                else:
-                    self.plane.publish(source.batch)
             await asyncio.sleep(self.settings.poll_interval)
+            if source.poll():
+                self.plane.publish(source.batch)
 
     async def stop(self) -> None:
         for task in self._tasks:

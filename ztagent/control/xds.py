@@ -131,10 +131,6 @@ class DeltaStream:
         self.acks = 0
         self.nacks = 0
 
-    def subscribed(self, type_url: str) -> bool:
-        state = self._types.get(type_url)
-        return state is not None and state.started
-
     def known(self, type_url: str) -> dict[str, str]:
         """What the client holds of `type_url` (as far as this side knows), name -> version."""
         state = self._types.get(type_url)

@@ -13,7 +13,7 @@ from typing import Any
 from ztagent.errors import LocalError
 from ztagent.hbone.frames import parse_authority
 from ztagent.identity.command import parse_duration
-from ztagent.node.xds import parse_address
+from ztagent.node.xds import DEFAULT_ROOT_CA, DEFAULT_TOKEN_PATH, parse_address
 
 WORKLOADS = "workloads"  # bind on every local workload IP (loopback labs, tests)
 OFF = "off"
@@ -49,9 +49,9 @@ class NodeSettings:
     """gRPC target `host:port` of an istiod-compatible xDS server; empty: local config."""
     ca_address: str = ""
     """gRPC target of an istiod-compatible CA; empty: the embedded CA."""
-    xds_root_ca: str = "/var/run/secrets/istio/root-cert.pem"
-    ca_root_ca: str = "/var/run/secrets/istio/root-cert.pem"
-    token_path: str = "/var/run/secrets/tokens/istio-token"
+    xds_root_ca: str = DEFAULT_ROOT_CA
+    ca_root_ca: str = DEFAULT_ROOT_CA
+    token_path: str = DEFAULT_TOKEN_PATH
     pod_name: str = ""
     pod_namespace: str = ""
     instance_ip: str = ""
@@ -85,19 +85,19 @@ _FLAGS: list[tuple[str, str | None, str, str]] = [
     (
         "--xds-root-ca",
         "XDS_ROOT_CA",
-        "/var/run/secrets/istio/root-cert.pem",
+        DEFAULT_ROOT_CA,
         "root certificate that signs the xDS server's certificate",
     ),
     (
         "--ca-root-ca",
         "CA_ROOT_CA",
-        "/var/run/secrets/istio/root-cert.pem",
+        DEFAULT_ROOT_CA,
         "root certificate that signs the CA server's certificate",
     ),
     (
         "--token-path",
         "TOKEN_PATH",
-        "/var/run/secrets/tokens/istio-token",
+        DEFAULT_TOKEN_PATH,
         "bearer token for the xDS server and the CA (re-read on every connection)",
     ),
     ("--pod-name", "POD_NAME", "", "this agent's pod name (xDS node id)"),

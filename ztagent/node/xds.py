@@ -84,8 +84,6 @@ class DeltaClient:
     def __init__(self, node: base_pb2.Node, types: Iterable[str] = TYPES) -> None:
         self.node = node
         self._held = {t: _Held() for t in types}
-        self.rejected: dict[str, str] = {}
-        """Resource name -> why its latest version was NACKed (cleared when one applies)."""
         self.acks = 0
         self.nacks = 0
 
@@ -130,20 +128,16 @@ class DeltaClient:
                 decoded = _decode(type_url, resource)
             except Invalid as exc:
                 problems.append(f"{resource.name}: {exc.path}: {exc.reason}")
-                self.rejected[resource.name] = f"{exc.path}: {exc.reason}"
                 continue
             except DecodeError as exc:
                 problems.append(f"{resource.name}: not a valid message: {exc}")
-                self.rejected[resource.name] = f"not a valid message: {exc}"
                 continue
-            self.rejected.pop(resource.name, None)
             previous = held.resources.get(resource.name)
             held.resources[resource.name] = (resource.version, decoded)
             changed = changed or previous is None or previous[1] != decoded
         for name in response.removed_resources:
             if held.resources.pop(name, None) is not None:
                 changed = True
-            self.rejected.pop(name, None)
         if problems:
             self.nacks += 1
             reply.error_detail.code = INVALID_ARGUMENT
@@ -259,12 +253,8 @@ class XdsClient:
         self.max_backoff = max_backoff
         self._rng = rng
         self.connected = False
-        self.connects = 0
         self.last_error: str | None = None
         self.synced = asyncio.Event()
-
-    def next_backoff(self, current: float) -> float:
-        return min(current * 2, self.max_backoff)
 
     async def run(self) -> None:
         backoff = self.initial_backoff
@@ -295,7 +285,7 @@ class XdsClient:
                 delay,
             )
             await asyncio.sleep(delay)
-            backoff = self.next_backoff(backoff)
+            backoff = min(backoff * 2, self.max_backoff)
 
     async def _stream(self) -> AsyncIterator[ads.DeltaDiscoveryResponse]:
         async with self.connection.channel() as channel:
@@ -303,7 +293,6 @@ class XdsClient:
             call = stub.DeltaAggregatedResources(metadata=self.connection.metadata())
             for request in self.core.connect_requests():
                 await call.write(request)
-            self.connects += 1
             while True:
                 message = await call.read()
                 if message is grpc.aio.EOF or not isinstance(message, ads.DeltaDiscoveryResponse):
