@@ -16,6 +16,7 @@ APT_PACKAGES=(
     gcc
     openssl
     iproute2
+    curl
     python3-bpfcc
     # tests/deploy: `ruby -c` parses the Vagrantfile, shellcheck lints the provisioning scripts
     ruby
