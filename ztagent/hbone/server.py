@@ -55,6 +55,9 @@ class Allow:
     # Called with the tunnel's app leg as soon as it exists (before connecting), so the
     # owner can set `leg.on_done` and keep track of the tunnel.
     on_leg: Callable[[TcpLeg], None] | None = None
+    # Instead of connecting to `address`: give the leg its transport in-process (call its
+    # `connection_made`); the tunnel is answered 200 at once (the waypoint serves HTTP so).
+    serve: Callable[[TcpLeg], None] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,7 +219,18 @@ class HboneServer:
         conn.attach(leg, sid)
         if decision.on_leg is not None:
             decision.on_leg(leg)
-        self._spawn(self._connect(conn, leg, decision))
+        if decision.serve is None:
+            self._spawn(self._connect(conn, leg, decision))
+            return
+        try:
+            decision.serve(leg)
+        except Exception:
+            log.exception("serving %s in-process failed", event.authority)
+            conn.refuse(leg, 503, "internal error")
+            return
+        conn.session.respond(sid, 200)
+        conn.start_relay(leg)
+        conn.flush()
 
     async def _connect(self, conn: HboneConnection, leg: TcpLeg, allow: Allow) -> None:
         loop = asyncio.get_running_loop()
