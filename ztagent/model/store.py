@@ -15,7 +15,13 @@ from dataclasses import dataclass
 from ztagent.identity.spiffe import Identity
 from ztagent.model.localconfig import ConfigSnapshot
 from ztagent.model.policy import Authorization, Scope
-from ztagent.model.workload import IPAddress, NetworkAddress, Service, Workload
+from ztagent.model.workload import (
+    GatewayAddress,
+    IPAddress,
+    NetworkAddress,
+    Service,
+    Workload,
+)
 
 DEFAULT_ROOT_NAMESPACE = "istio-system"
 
@@ -75,6 +81,7 @@ class _Index:
         "local",
         "policies",
         "snapshot",
+        "waypoint_uids",
     )
 
     def __init__(self, snapshot: ConfigSnapshot, node_name: str, root_namespace: str | None):
@@ -111,6 +118,29 @@ class _Index:
                     self.global_policies.append(policy)
             elif policy.scope is Scope.NAMESPACE:
                 self.by_namespace_policy.setdefault(policy.namespace, []).append(policy)
+
+        gateways = {w.waypoint for w in snapshot.workloads if w.waypoint is not None}
+        gateways.update(s.waypoint for s in snapshot.services if s.waypoint is not None)
+        self.waypoint_uids = frozenset(
+            w.uid for gateway in gateways for w in self.gateway_workloads(gateway)
+        )
+
+    def gateway_workloads(self, gateway: GatewayAddress) -> tuple[Workload, ...]:
+        service = self.gateway_service(gateway)
+        if service is not None:
+            return tuple(self.endpoints.get(service.key, ()))
+        if gateway.hostname is not None:
+            return ()
+        assert gateway.address is not None
+        workload = self.by_address.get(gateway.address)
+        return () if workload is None else (workload,)
+
+    def gateway_service(self, gateway: GatewayAddress) -> Service | None:
+        if gateway.hostname is not None:
+            hostname = gateway.hostname
+            return self.by_key.get(f"{hostname.namespace}/{hostname.hostname}")
+        assert gateway.address is not None
+        return self.by_vip.get(gateway.address)
 
 
 class ProxyState:
@@ -229,6 +259,24 @@ class ProxyState:
             return None
         target = workload.services.get(service.key, {}).get(port, 0) or service.ports[port]
         return target or None
+
+    # --- waypoints ---
+
+    def waypoint_service(self, gateway: GatewayAddress) -> Service | None:
+        """The Service a waypoint address names: by `namespace/hostname`, or the Service whose
+        VIP the address is (None for a plain workload address or an unknown name)."""
+        return self._index.gateway_service(gateway)
+
+    def waypoint_instances(self, gateway: GatewayAddress) -> tuple[Workload, ...]:
+        """The workloads that are the waypoint `gateway` names: the endpoints of its Service,
+        or the one workload owning its address. Healthy or not, sorted by uid; empty when the
+        name or address is unknown."""
+        return self._index.gateway_workloads(gateway)
+
+    def is_waypoint(self, workload: Workload) -> bool:
+        """Whether `workload` is an instance of a waypoint some workload or service uses:
+        it takes HBONE on its own address and is never captured or listened for."""
+        return workload.uid in self._index.waypoint_uids
 
     # --- policies ---
 

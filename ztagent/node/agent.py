@@ -330,7 +330,9 @@ class NodeAgent:
                 try:
                     ifindex = capture.host_veth_for(ip)
                     capture.attach_pod_veth(ifindex)
-                    if workload.tunnel_protocol is TunnelProtocol.HBONE:
+                    if workload.tunnel_protocol is TunnelProtocol.HBONE and not (
+                        self.state.is_waypoint(workload)
+                    ):
                         capture.enrol_pod(ip, ifindex)
                         wanted.add(ip)
                 except LocalError as exc:
@@ -370,7 +372,13 @@ class NodeAgent:
     async def _bind_workloads(self) -> None:
         """In `workloads` mode, listen on each local workload IP (and stop for those gone)."""
         s = self.settings
-        wanted = {str(ip) for w in self.state.local_workloads() for ip in w.addresses}
+        # A local waypoint takes HBONE on its own address itself: not listened for here.
+        wanted = {
+            str(ip)
+            for w in self.state.local_workloads()
+            if not self.state.is_waypoint(w)
+            for ip in w.addresses
+        }
         loop = asyncio.get_running_loop()
         for ip in sorted(wanted - self._bound_workloads):
             try:
@@ -683,6 +691,14 @@ class NodeAgent:
             pick=self._pick,
             deny_unknown=self.settings.deny_unknown,
         )
+        if route.waypoint is not None:
+            log.debug(
+                "outbound %s -> %s via waypoint %s at %s",
+                client,
+                destination,
+                route.waypoint.name,
+                format_authority(*route.via),
+            )
         record = ConnectionRecord(
             src_addr=format_authority(*client),
             dst_addr=format_authority(*route.address),
@@ -748,7 +764,7 @@ class NodeAgent:
         reply: ReplyFn | None,
     ) -> None:
         started = time.monotonic()
-        record = dataclasses.replace(record, dst_hbone_addr=format_authority(*route.hbone_address))
+        record = dataclasses.replace(record, dst_hbone_addr=format_authority(*route.via))
         leg = TcpLeg()
         leg.held = early
         if reply is not None:
@@ -756,7 +772,7 @@ class NodeAgent:
         transport.set_protocol(leg)
         leg.connection_made(transport)
         tunnel = Tunnel(
-            via=route.hbone_address,
+            via=route.via,
             target=route.address,
             expected_identities=route.expected_identities(),
             source=client,

@@ -1,4 +1,11 @@
-"""Where an outbound connection goes: pure decisions over the workload model, no I/O."""
+"""Where an outbound connection goes: pure decisions over the workload model, no I/O.
+
+Waypoints follow ztunnel: a connection to a Service VIP whose Service has a waypoint, or to a
+pod IP whose Workload has one, is tunnelled to an instance of that waypoint with the original
+destination as `:authority`; the waypoint picks the endpoint. A source that is itself the
+waypoint goes direct (no loop), and a waypoint that cannot be resolved denies the connection:
+it is never silently skipped.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +16,7 @@ from dataclasses import dataclass
 
 from ztagent.identity.spiffe import Identity
 from ztagent.model.store import ProxyState
-from ztagent.model.workload import Service, TunnelProtocol, Workload
+from ztagent.model.workload import GatewayAddress, Service, TunnelProtocol, Workload
 
 # The agent's own ports are never a destination (a connection to them would loop).
 RESERVED_PORTS = frozenset({15001, 15006, 15008, 15080})
@@ -25,27 +32,43 @@ class RouteKind(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class Route:
+    """One decision. `address` is the destination as the tunnel names it (`:authority`): the
+    chosen endpoint and target port, or through a waypoint the original VIP or pod address.
+    `workload` is the destination workload if known (None when a waypoint picks the endpoint
+    of a service); `waypoint` the waypoint instance the tunnel goes to."""
+
     kind: RouteKind
-    address: tuple[str, int]  # where the bytes go (endpoint IP and target port)
+    address: tuple[str, int]
     workload: Workload | None = None
     service: Service | None = None
     reason: str = ""
+    waypoint: Workload | None = None
+    waypoint_service: Service | None = None
+    gateway: tuple[str, int] | None = None  # the waypoint's HBONE address
 
     @property
-    def hbone_address(self) -> tuple[str, int]:
-        return (self.address[0], HBONE_PORT)
+    def via(self) -> tuple[str, int]:
+        """Where the HBONE connection goes: the waypoint, or the destination's agent."""
+        return self.gateway or (self.address[0], HBONE_PORT)
 
     def expected_identities(self) -> frozenset[Identity]:
-        """Who may answer the tunnel: the workload, and the service's subject_alt_names."""
-        found: set[Identity] = set()
-        if self.workload is not None:
-            found.add(self.workload.identity)
-        if self.service is not None:
-            for name in self.service.subject_alt_names:
-                identity = Identity.try_parse(name)
-                if identity is not None:
-                    found.add(identity)
-        return frozenset(found)
+        """Who may answer the tunnel: the waypoint (and its service's subject_alt_names) when
+        there is one; otherwise the workload, and the service's subject_alt_names."""
+        if self.waypoint is not None:
+            return _identities(self.waypoint, self.waypoint_service)
+        return _identities(self.workload, self.service)
+
+
+def _identities(workload: Workload | None, service: Service | None) -> frozenset[Identity]:
+    found: set[Identity] = set()
+    if workload is not None:
+        found.add(workload.identity)
+    if service is not None:
+        for name in service.subject_alt_names:
+            identity = Identity.try_parse(name)
+            if identity is not None:
+                found.add(identity)
+    return frozenset(found)
 
 
 Pick = Callable[[Service, Sequence[Workload]], Workload]
@@ -69,6 +92,9 @@ def route_outbound(
     network = source.network
     service = state.service_by_vip(network, ip)
     if service is not None:
+        if service.waypoint is not None and not _is_instance(state, source, service.waypoint):
+            return _to_waypoint(state, source, service.waypoint, destination, None, service, pick)
+        # Addressed to a service: an endpoint's own waypoint is not used (ztunnel does the same).
         healthy = [w for w in state.endpoints(service) if w.healthy]
         candidates = [w for w in healthy if state.target_port(service, w, port)]
         if not candidates:
@@ -84,6 +110,8 @@ def route_outbound(
         return _to_workload(state, endpoint, target, service)
     workload = state.workload_by_address(network, ip)
     if workload is not None:
+        if workload.waypoint is not None and not _is_instance(state, source, workload.waypoint):
+            return _to_waypoint(state, source, workload.waypoint, destination, workload, None, pick)
         return _to_workload(state, workload, port, None, ip_text)
     if deny_unknown:
         return Route(RouteKind.DENY, destination, reason="unknown destination")
@@ -98,6 +126,58 @@ def _to_workload(
         return Route(RouteKind.PASSTHROUGH, address, workload, service)
     local = state.node_name != "" and workload.node == state.node_name
     return Route(RouteKind.LOCAL if local else RouteKind.HBONE, address, workload, service)
+
+
+def _is_instance(state: ProxyState, source: Workload, gateway: GatewayAddress) -> bool:
+    """Whether `source` is the waypoint `gateway` names: its traffic goes on directly."""
+    if gateway.address is not None and gateway.address in source.network_addresses:
+        return True
+    return any(w.uid == source.uid for w in state.waypoint_instances(gateway))
+
+
+def _to_waypoint(
+    state: ProxyState,
+    source: Workload,
+    gateway: GatewayAddress,
+    destination: tuple[str, int],
+    workload: Workload | None,
+    service: Service | None,
+    pick: Pick,
+) -> Route:
+    """HBONE to an instance of the waypoint, `:authority` the original destination.
+
+    Always a tunnel, also when the waypoint runs on this node: it takes HBONE on its own
+    address and is not captured, so the local plain relay cannot reach it."""
+    waypoint_service = state.waypoint_service(gateway)
+    instances = [w for w in state.waypoint_instances(gateway) if w.healthy and w.addresses]
+    if not instances:
+        known = waypoint_service is not None or bool(state.waypoint_instances(gateway))
+        why = "has no healthy instance" if known else "is unknown"
+        return Route(
+            RouteKind.DENY,
+            destination,
+            workload=workload,
+            service=service,
+            reason=f"waypoint {gateway} {why}",
+        )
+    if waypoint_service is not None and len(instances) > 1:
+        chosen = pick(waypoint_service, instances)
+    else:
+        chosen = instances[0]
+    if gateway.address is not None and gateway.address in chosen.network_addresses:
+        ip = str(gateway.address.address)
+    else:
+        on_network = [a for a in chosen.network_addresses if a.network == source.network]
+        ip = str((on_network or list(chosen.network_addresses))[0].address)
+    return Route(
+        RouteKind.HBONE,
+        destination,
+        workload=workload,
+        service=service,
+        waypoint=chosen,
+        waypoint_service=waypoint_service,
+        gateway=(ip, gateway.hbone_mtls_port),
+    )
 
 
 class RoundRobin:
