@@ -21,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     from ztagent.identity import command as ca_command
     from ztagent.lab import command as lab_command
     from ztagent.node import command as node_command
+    from ztagent.waypoint import command as waypoint_command
 
     parser = argparse.ArgumentParser(
         prog="ztagent",
@@ -41,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     ca_command.register(sub)
     hbone_command.register(sub)
     node_command.register(sub)
+    waypoint_command.register(sub)
     control_command.register(sub)
     ctl_command.register(sub)
     lab_command.register(sub)

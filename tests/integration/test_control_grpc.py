@@ -1,10 +1,13 @@
 """`ztagent control` over real gRPC with TLS: delta ADS with a raw grpc client (initial
 snapshot, add/update/remove, NACK, reconnect with initial versions, two views), the CA's
-authorization rules, and the node agent's own xDS client against it."""
+authorization rules, the node agent's own xDS client against it, and the waypoints' L7 objects
+(served only to clients that subscribe to them, last good version kept, file JWKS inlined)."""
 
 from __future__ import annotations
 
 import asyncio
+import http.client
+import json
 import logging
 import textwrap
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -18,13 +21,15 @@ from google.protobuf.struct_pb2 import Struct
 
 from ztagent.control.auth import TOKEN_SIGNING_KEY, TokenSigner
 from ztagent.control.server import ControlServer, ControlSettings
-from ztagent.control.xds import ADDRESS_TYPE, AUTHORIZATION_TYPE
+from ztagent.control.xds import ADDRESS_TYPE, AUTHORIZATION_TYPE, L7_TYPE
 from ztagent.identity.keys import create_csr, generate_key
 from ztagent.identity.spiffe import Identity
 from ztagent.node.xds import ControlPlaneConnection, XdsClient, node_identity
+from ztagent.xds import convert
 from ztagent.xds.gen.envoy.service.discovery.v3 import discovery_pb2 as ads
 from ztagent.xds.gen.envoy.service.discovery.v3 import discovery_pb2_grpc as ads_grpc
 from ztagent.xds.gen.istio.v1.auth import ca_pb2, ca_pb2_grpc
+from ztagent.xds.gen.ztagent.waypoint.v1 import l7_pb2 as l7_pb
 
 TIMEOUT = 10.0
 
@@ -496,3 +501,260 @@ def test_node_agent_client_syncs_and_keeps_config_while_disconnected(tmp_path):
             await asyncio.gather(task, return_exceptions=True)
 
     run(tmp_path, scenario)
+
+
+# --- the waypoints' L7 objects -------------------------------------------------------------
+
+L7 = """\
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: waypoint, namespace: shop}
+spec:
+  gatewayClassName: istio-waypoint
+  listeners: [{name: mesh, port: 15008, protocol: HBONE}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: web, namespace: shop}
+spec:
+  hosts: [web]
+  http:
+  - route:
+    - destination: {host: web, subset: v1}
+      weight: 90
+    - destination: {host: web, subset: v2}
+      weight: 10
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: web, namespace: shop}
+spec:
+  host: web
+  subsets: [{name: v1, labels: {version: v1}}, {name: v2, labels: {version: v2}}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: web-get, namespace: shop}
+spec:
+  targetRefs: [{kind: Service, group: "", name: web}]
+  rules: [{to: [{operation: {methods: [GET]}}]}]
+"""
+
+L7_NAMES = {
+    "Gateway/shop/waypoint",
+    "VirtualService/shop/web",
+    "DestinationRule/shop/web",
+    "AuthorizationPolicy/shop/web-get",
+    "Service/shop/web",
+}
+
+
+def l7_objects(response: ads.DeltaDiscoveryResponse) -> dict[str, dict[str, Any]]:
+    """The decoded objects of a response, by resource name."""
+    objects = {}
+    for resource in response.resources:
+        assert resource.resource.type_url == L7_TYPE
+        message = l7_pb.L7Resource.FromString(resource.resource.value)
+        objects[resource.name] = convert.l7_from_proto(message)
+    return objects
+
+
+async def config_dump(c: Control) -> dict[str, Any]:
+    """GET /debug/config_dump on the monitoring port (from a thread: the server runs here)."""
+    admin = c.server._admin
+    assert admin is not None
+    host, port = admin.address
+
+    def get() -> dict[str, Any]:
+        conn = http.client.HTTPConnection(host, port, timeout=TIMEOUT)
+        try:
+            conn.request("GET", "/debug/config_dump")
+            response = conn.getresponse()
+            assert response.status == 200
+            data: dict[str, Any] = json.loads(response.read())
+            return data
+        finally:
+            conn.close()
+
+    return await asyncio.to_thread(get)
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    for _ in range(200):
+        if condition():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("condition not met")
+
+
+def test_waypoint_gets_l7_objects_edits_and_keeps_the_last_good_version(tmp_path):
+    async def scenario(c: Control) -> None:
+        s = Stream(c)
+        await s.send(L7_TYPE, resource_names_subscribe=["*"])
+        first = await s.recv()
+        objects = l7_objects(first)
+        assert set(objects) == L7_NAMES
+        web = objects["VirtualService/shop/web"]
+        assert web["apiVersion"] == "networking.istio.io/v1"
+        assert web["spec"]["http"][0]["route"][0]["weight"] == 90
+        assert objects["Service/shop/web"]["spec"]["ports"] == [{"port": 80, "targetPort": 8080}]
+        await s.ack(first)
+
+        # An edit of the VirtualService: only it is pushed.
+        c.write("l7.yaml", L7.replace("weight: 90", "weight: 80"))
+        push = await s.recv()
+        assert names(push) == {"VirtualService/shop/web"}
+        assert l7_objects(push)["VirtualService/shop/web"]["spec"]["http"][0]["route"][0] == {
+            "destination": {"host": "web", "subset": "v1"},
+            "weight": 80,
+        }
+        good = push.resources[0].version
+        await s.ack(push)
+
+        # An invalid edit: reported with its field, the last good version stays served.
+        c.write("l7.yaml", L7.replace("weight: 90", "weight: -1"))
+        await until(lambda: any("VirtualService" in str(e) for e in c.server.plane.errors))
+        dump = await config_dump(c)
+        (error,) = [e for e in dump["errors"] if e.startswith("VirtualService")]
+        assert "shop/web" in error and "spec.http[0].route[0].weight" in error
+        assert set(dump["waypointResources"]) == L7_NAMES
+        served = c.server.plane.resources[L7_TYPE]["VirtualService/shop/web"]
+        assert served.version == good
+        await s.nothing()
+
+        # Fixed, and the DestinationRule removed: both reach the waypoint.
+        c.write(
+            "l7.yaml", L7.replace("weight: 90", "weight: 70").replace("kind: Destin", "kind: X")
+        )
+        push = await s.recv()
+        assert names(push) == {"VirtualService/shop/web"}
+        assert list(push.removed_resources) == ["DestinationRule/shop/web"]
+        await s.ack(push)
+        assert not [e for e in (await config_dump(c))["errors"] if e.startswith("VirtualService")]
+        metrics = c.server.metrics.render().decode()
+        assert 'pilot_xds_pushes_total{type="l7"} 3.0' in metrics
+        await s.close()
+
+    run(tmp_path, scenario, **{"base.yaml": BASE, "policy.yaml": POLICY, "l7.yaml": L7})
+
+
+def test_node_agents_get_no_l7_objects_and_waypoint_clients_do(tmp_path):
+    async def scenario(c: Control) -> None:
+        (tmp_path / "token").write_text(c.token(node="node-a"))
+        connection = ControlPlaneConnection(
+            c.target, tmp_path / "ca" / "root-cert.pem", tmp_path / "token", "Kubernetes"
+        )
+
+        def node(name: str) -> Any:
+            return node_identity(
+                instance_ip="10.0.0.1",
+                pod_name=name,
+                pod_namespace="ztagent-system",
+                node_name="node-a",
+                cluster_id="Kubernetes",
+            )
+
+        agent_updates: list[Any] = []
+        agent = XdsClient(connection, node("ztagent-a"), agent_updates.append)
+        waypoint_updates: list[Any] = []
+        l7_updates: list[list[dict[str, Any]]] = []
+        waypoint = XdsClient(
+            connection,
+            node("waypoint"),
+            waypoint_updates.append,
+            types=(ADDRESS_TYPE, L7_TYPE),
+            on_l7=l7_updates.append,
+        )
+        raw = Stream(c)
+        await raw.send(ADDRESS_TYPE)
+        await raw.ack(await raw.recv())
+        await raw.send(AUTHORIZATION_TYPE)
+        await raw.ack(await raw.recv())
+        tasks = [asyncio.create_task(agent.run()), asyncio.create_task(waypoint.run())]
+        try:
+            await asyncio.wait_for(agent.synced.wait(), TIMEOUT)
+            await asyncio.wait_for(waypoint.synced.wait(), TIMEOUT)
+            assert {w.uid for w in agent_updates[-1].workloads} == {WEB, DB}
+            assert agent.core.l7_objects() == [] and agent.core.nacks == 0
+            assert {w.uid for w in waypoint_updates[-1].workloads} == {WEB, DB}
+            assert waypoint_updates[-1].policies == ()  # Authorization was not subscribed
+            objects = l7_updates[-1]
+            assert {
+                convert.l7_name(o["kind"], o["metadata"]["namespace"], o["metadata"]["name"])
+                for o in objects
+            } == L7_NAMES
+            assert waypoint.core.nacks == 0
+
+            # An L7 change reaches the waypoint client with every object, and no node agent.
+            count = len(agent_updates)
+            c.write("l7.yaml", L7.replace("methods: [GET]", "methods: [GET, HEAD]"))
+            await until(lambda: len(l7_updates) > 1)
+            policy = next(o for o in l7_updates[-1] if o["kind"] == "AuthorizationPolicy")
+            assert policy["spec"]["rules"][0]["to"][0]["operation"]["methods"] == ["GET", "HEAD"]
+            assert len(l7_updates[-1]) == len(L7_NAMES)
+            await raw.nothing()
+            assert len(agent_updates) == count
+            dump = await config_dump(c)
+            l7_held = sorted(client["resources"].get("l7", 0) for client in dump["clients"])
+            assert l7_held == [0, 0, len(L7_NAMES)]
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await raw.close()
+
+    run(tmp_path, scenario, **{"base.yaml": BASE, "policy.yaml": POLICY, "l7.yaml": L7})
+
+
+JWKS = {
+    "keys": [
+        {
+            "kty": "EC",
+            "crv": "P-256",
+            "kid": "k1",
+            "x": "f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU",
+            "y": "x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0",
+            "d": "jpsQnnGQmL-YBIffH1136cspYG6-0iY7X1fCE9-E9LI",
+        }
+    ]
+}
+
+REQUEST_AUTHENTICATION = """\
+apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: {name: web-jwt, namespace: shop}
+spec:
+  targetRefs: [{kind: Service, group: "", name: web}]
+  jwtRules: [{issuer: https://issuer.example, jwksUri: "file://JWKS"}]
+"""
+
+
+def test_request_authentication_file_jwks_is_inlined(tmp_path):
+    keys = tmp_path / "jwks.json"
+    keys.write_text(json.dumps(JWKS))
+    text = REQUEST_AUTHENTICATION.replace("JWKS", str(keys))
+
+    async def scenario(c: Control) -> None:
+        s = Stream(c)
+        await s.send(L7_TYPE)
+        first = await s.recv()
+        (rule,) = l7_objects(first)["RequestAuthentication/shop/web-jwt"]["spec"]["jwtRules"]
+        assert rule["jwksUri"] == f"file://{keys}"
+        inlined = json.loads(rule["jwks"])
+        assert inlined == {"keys": [{k: v for k, v in JWKS["keys"][0].items() if k != "d"}]}
+        await s.ack(first)
+
+        # The file goes away: an error for that object, and its last good version stays.
+        keys.unlink()
+        c.write("ra.yaml", text.replace("issuer.example", "issuer.example/v2"))
+        await until(lambda: any("RequestAuthentication" in str(e) for e in c.server.plane.errors))
+        (error,) = [
+            e for e in (await config_dump(c))["errors"] if e.startswith("RequestAuthentication")
+        ]
+        assert "spec.jwtRules[0].jwksUri" in error and "cannot read" in error
+        kept = c.server.plane.l7["RequestAuthentication/shop/web-jwt"]["spec"]["jwtRules"][0]
+        assert kept["issuer"] == "https://issuer.example" and json.loads(kept["jwks"]) == inlined
+        await s.nothing()
+        await s.close()
+
+    run(tmp_path, scenario, **{"base.yaml": BASE, "l7.yaml": L7, "ra.yaml": text})

@@ -225,7 +225,9 @@ def test_hosts_that_match_no_service(tmp_path: Path) -> None:
           http:
           - route:
             - destination: {host: api.prod.svc.cluster.local}
+              weight: 50
             - destination: {host: nothere}
+              weight: 50
         """,
     )
     found = [(f.name, f.field) for f in findings if f.code == "ReferencedHostNotFound"]

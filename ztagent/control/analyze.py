@@ -4,7 +4,10 @@
 errors the reader found), translates them as the control plane would, and reports what would
 be rejected or would not behave as written:
 
-- `SchemaError` (Error): a document or field the reader or the translation rejects.
+- `SchemaError` (Error): a document or field the reader or the translation rejects, or that a
+  waypoint would reject (VirtualService, HTTPRoute, DestinationRule, and AuthorizationPolicy
+  and RequestAuthentication attached by `targetRefs`, checked as the control plane checks the
+  objects it serves to waypoints; `jwksUri` files are not read here).
 - `TranslationNote` (Info): a resource accepted with a caveat or skipped on purpose.
 - `SelectorMatchesNothing` (Warning): an AuthorizationPolicy or PeerAuthentication whose
   `selector.matchLabels` selects no pod in its namespace (any namespace for an
@@ -38,6 +41,7 @@ from typing import Any, Literal
 
 from ztagent.control.sources import Resource, ResourceError, read_directory
 from ztagent.control.translate import TranslateOptions, translate_resources
+from ztagent.control.xds import waypoint_resources
 from ztagent.errors import LocalError
 from ztagent.model.workload import TunnelProtocol, Workload
 from ztagent.rbac import STATIC_STRICT_POLICY_NAME
@@ -455,6 +459,12 @@ def analyze(
         _from_error("Error", SCHEMA_ERROR, e)
         for e in snapshot.errors
         if isinstance(e, ResourceError)
+    ]
+    reported = {(e.kind, e.key, e.path, e.reason) for e in snapshot.errors}
+    findings += [
+        _from_error("Error", SCHEMA_ERROR, e)
+        for e in waypoint_resources(resources, options).errors
+        if (e.kind, e.key, e.path, e.reason) not in reported
     ]
     bad = set()
     for error in snapshot.errors:

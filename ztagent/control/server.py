@@ -4,7 +4,10 @@
 debounce (100 ms after the last change, at most 1 s after the first) batches bursts, the
 translation builds the snapshot, and every connected stream gets only what changed in its own
 view. A resource that fails translation keeps its last good version (the error is reported
-and served by `/debug/config_dump`), so an edit with a typo never withdraws config.
+and served by `/debug/config_dump`), so an edit with a typo never withdraws config. The same
+holds for the waypoints' L7 objects (`waypoint_resources`): one the waypoint parsers reject
+keeps its last good version, and the `jwksUri: file://` files of RequestAuthentications are
+read here, at each configuration change, and served inlined.
 
 `DiscoveryService` (delta ADS) and `CertificateService` (the CA) are thin gRPC adapters on one
 TLS port (15012, as istiod); both authenticate the caller's bearer token. The monitoring port
@@ -16,9 +19,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
+import stat
 import time
-from collections.abc import AsyncIterator, Callable, Collection
+from collections.abc import AsyncIterator, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -38,12 +43,15 @@ from ztagent.control.sources import (
 from ztagent.control.translate import TranslateOptions, to_local_config, translate_resources
 from ztagent.control.xds import (
     ADDRESS_TYPE,
+    AUTHORIZATION_TYPE,
+    L7_TYPE,
     Ack,
     DeltaStream,
     Nack,
     Resources,
     Unknown,
     build_resources,
+    waypoint_resources,
 )
 from ztagent.errors import LocalError
 from ztagent.identity.ca import CertificateAuthority
@@ -60,10 +68,27 @@ log = logging.getLogger(__name__)
 DEBOUNCE_AFTER = 0.1
 DEBOUNCE_MAX = 1.0
 SERVING_CERT_TTL = timedelta(days=90)
+MAX_JWKS_BYTES = 1024 * 1024
+
+_TYPE_LABELS = {ADDRESS_TYPE: "address", AUTHORIZATION_TYPE: "authorization", L7_TYPE: "l7"}
 
 
 def type_label(type_url: str) -> str:
-    return "address" if type_url == ADDRESS_TYPE else "authorization"
+    return _TYPE_LABELS.get(type_url, "other")
+
+
+def read_jwks_file(path: str) -> bytes:
+    """A `jwksUri: file://` file: a regular file of at most `MAX_JWKS_BYTES` (never a pipe or
+    a device, which could block or never end)."""
+    # O_NONBLOCK: opening a FIFO must not wait for a writer.
+    with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as file:
+        info = os.fstat(file.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(f"{path} is not a regular file")
+        data = file.read(MAX_JWKS_BYTES + 1)
+    if len(data) > MAX_JWKS_BYTES:
+        raise OSError(f"{path} is larger than {MAX_JWKS_BYTES} bytes")
+    return data
 
 
 class ControlMetrics:
@@ -136,6 +161,8 @@ class ControlPlane:
         self.debounce = debounce
         self.debounce_max = debounce_max
         self.snapshot = ConfigSnapshot()
+        self.l7: dict[str, Mapping[str, Any]] = {}
+        """The waypoints' objects being served, by resource name."""
         self.resources: Resources = {}
         self.errors: tuple[ObjectError, ...] = ()
         self.notes: tuple[ResourceError, ...] = ()
@@ -143,6 +170,7 @@ class ControlPlane:
         self.synced = False
         self._batch: SourceBatch | None = None
         self._good: dict[tuple[str, str], Resource] = {}
+        self._good_l7: dict[str, Mapping[str, Any]] = {}
         self._streams: set[_Attached] = set()
         self._first_change: float | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -203,17 +231,34 @@ class ControlPlane:
             for r in resources
             if (key := _resource_key(r)) not in rejected or key in substitutes
         }
+        waypoint = waypoint_resources(resources, self.options, read_file=read_jwks_file)
+        l7 = dict(waypoint.objects)
+        for name, fallback in waypoint.rejected.items():
+            good = self._good_l7.get(name, fallback)
+            if good is not None:
+                l7[name] = good
+        self._good_l7 = {
+            name: document
+            for name, document in l7.items()
+            if name not in waypoint.rejected or name in self._good_l7
+        }
+        errors = (*errors, *waypoint.errors)
         for error in errors:
             if error not in self.errors:
                 log.warning("config rejected: %s", error)
         self.errors = tuple(errors)
-        self.notes = result.notes
+        self.notes = (*result.notes, *waypoint.notes)
         self.metrics.config_errors.set(len(self.errors))
-        self.set_snapshot(result.snapshot)
+        self.set_snapshot(result.snapshot, l7)
         self.synced = True
 
-    def set_snapshot(self, snapshot: ConfigSnapshot) -> None:
-        resources = build_resources(snapshot, self.resources)
+    def set_snapshot(
+        self, snapshot: ConfigSnapshot, l7: Mapping[str, Mapping[str, Any]] | None = None
+    ) -> None:
+        """Serve `snapshot` and the waypoints' `l7` objects (None: keep the current ones)."""
+        if l7 is not None:
+            self.l7 = dict(l7)
+        resources = build_resources(snapshot, self.resources, l7=self.l7.values())
         self.snapshot = snapshot
         self.resources = resources
         self.version += 1
@@ -229,12 +274,13 @@ class ControlPlane:
                 pushed += 1
                 self._send(attached, responses)
         log.info(
-            "config version %d: %d workloads, %d services, %d policies, %d errors; "
-            "pushed to %d of %d clients",
+            "config version %d: %d workloads, %d services, %d policies, %d waypoint objects, "
+            "%d errors; pushed to %d of %d clients",
             self.version,
             len(snapshot.workloads),
             len(snapshot.services),
             len(snapshot.policies),
+            len(self.l7),
             len(self.errors),
             pushed,
             len(self._streams),
@@ -292,6 +338,7 @@ class ControlPlane:
         data["version"] = self.version
         data["errors"] = [str(e) for e in self.errors]
         data["notes"] = [str(n) for n in self.notes]
+        data["waypointResources"] = sorted(self.l7)
         data["clients"] = [
             {
                 "caller": a.caller,

@@ -13,6 +13,7 @@ pauses reading on the legs that feed it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -242,7 +243,8 @@ class HboneConnection(TlsReceiver):
                     leg.remote_ended = True
                     transport = leg.transport
                     if transport is not None and leg.relaying and transport.can_write_eof():
-                        transport.write_eof()
+                        with contextlib.suppress(OSError):  # the app side is already gone
+                            transport.write_eof()
                     self._maybe_finish(leg)
             elif isinstance(event, ConnectRequest):
                 if self.on_request is not None:

@@ -6,12 +6,17 @@
 A resource that does not decode or fails the checks of `ztagent.xds.convert` is NACKed with
 its name, field and reason, and its last good version stays in use; the other resources of the
 response apply. `synced` turns true once every type has had a response: readiness waits for it.
+The types are chosen by the caller: a node agent takes Istio's Address and Authorization
+(the default); a waypoint adds `L7_TYPE`, the Kubernetes objects of its L7 configuration,
+decoded to the JSON dicts the control plane read (`l7_objects`).
 
 `XdsClient` runs that over gRPC with TLS (the server verified against the root cert), with the
 bearer token and `clusterid` headers ztunnel sends; it reconnects with exponential backoff
 (10 ms doubling to 15 s, reset once a response arrives) and keeps serving the last config while
-disconnected. `CaClient` asks `CreateCertificate` for a workload's certificate, naming the
-workload in `ImpersonatedIdentity` as ztunnel does.
+disconnected. `on_update` gets the workload snapshot, `on_l7` all L7 objects, each after a
+response that changed them (and once at the first response). `CaClient` asks
+`CreateCertificate` for a workload's certificate, naming the workload in `ImpersonatedIdentity`
+as ztunnel does.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -43,17 +49,21 @@ from ztagent.xds.gen.envoy.service.discovery.v3 import discovery_pb2_grpc as ads
 from ztagent.xds.gen.istio.security import authorization_pb2 as security_pb
 from ztagent.xds.gen.istio.v1.auth import ca_pb2, ca_pb2_grpc
 from ztagent.xds.gen.istio.workload import workload_pb2 as workload_pb
+from ztagent.xds.gen.ztagent.waypoint.v1 import l7_pb2 as l7_pb
 
 log = logging.getLogger(__name__)
 
 TYPES = (convert.ADDRESS_TYPE, convert.AUTHORIZATION_TYPE)
+"""What a node agent subscribes to."""
+L7_TYPE = convert.L7_TYPE
+WORKLOAD_TYPES = frozenset(TYPES)
 INITIAL_BACKOFF = 0.01
 MAX_BACKOFF = 15.0
 INVALID_ARGUMENT = 3
 DEFAULT_ROOT_CA = "/var/run/secrets/istio/root-cert.pem"
 DEFAULT_TOKEN_PATH = "/var/run/secrets/tokens/istio-token"
 
-Decoded = Workload | Service | Authorization
+Decoded = Workload | Service | Authorization | dict[str, Any]
 
 
 def _decode(type_url: str, resource: ads.Resource) -> Decoded:
@@ -64,6 +74,10 @@ def _decode(type_url: str, resource: ads.Resource) -> Decoded:
     if type_url == convert.ADDRESS_TYPE:
         address = convert.address_from_proto(workload_pb.Address.FromString(body.value))
         decoded, key = address, address.uid if isinstance(address, Workload) else address.key
+    elif type_url == L7_TYPE:
+        message = l7_pb.L7Resource.FromString(body.value)
+        decoded = convert.l7_from_proto(message)
+        key = convert.l7_name(message.kind, message.namespace, message.name)
     else:
         policy = convert.authorization_from_proto(security_pb.Authorization.FromString(body.value))
         decoded, key = policy, policy.key
@@ -79,13 +93,34 @@ class _Held:
 
 
 class DeltaClient:
-    """The client side of delta ADS for Istio's workload types (sans-IO)."""
+    """The client side of delta ADS for Istio's workload types and our L7 type (sans-IO)."""
 
     def __init__(self, node: base_pb2.Node, types: Iterable[str] = TYPES) -> None:
         self.node = node
-        self._held = {t: _Held() for t in types}
+        self._held = {t: _Held() for t in dict.fromkeys(types)}
+        unknown = set(self._held) - WORKLOAD_TYPES - {L7_TYPE}
+        if unknown:
+            raise LocalError(f"xDS types this client cannot decode: {', '.join(sorted(unknown))}")
         self.acks = 0
         self.nacks = 0
+
+    @property
+    def types(self) -> tuple[str, ...]:
+        return tuple(self._held)
+
+    def answered(self, type_url: str) -> bool:
+        """Whether `type_url` had its first response."""
+        held = self._held.get(type_url)
+        return held is not None and held.answered
+
+    def l7_objects(self) -> list[dict[str, Any]]:
+        """Every L7 object held, in resource-name order."""
+        held = self._held.get(L7_TYPE)
+        if held is None:
+            return []
+        return [
+            value for _, (_, value) in sorted(held.resources.items()) if isinstance(value, dict)
+        ]
 
     @property
     def synced(self) -> bool:
@@ -156,7 +191,7 @@ class DeltaClient:
                     workloads.append(value)
                 elif isinstance(value, Service):
                     services.append(value)
-                else:
+                elif isinstance(value, Authorization):
                     policies.append(value)
         return ConfigSnapshot(
             workloads=tuple(sorted(workloads, key=lambda w: w.uid)),
@@ -242,19 +277,24 @@ class XdsClient:
         node: base_pb2.Node,
         on_update: Callable[[ConfigSnapshot], None],
         *,
+        types: Iterable[str] = TYPES,
+        on_l7: Callable[[list[dict[str, Any]]], None] | None = None,
         initial_backoff: float = INITIAL_BACKOFF,
         max_backoff: float = MAX_BACKOFF,
         rng: Callable[[], float] = random.random,
     ) -> None:
         self.connection = connection
-        self.core = DeltaClient(node)
+        self.core = DeltaClient(node, types)
         self.on_update = on_update
+        self.on_l7 = on_l7
         self.initial_backoff = initial_backoff
         self.max_backoff = max_backoff
         self._rng = rng
         self.connected = False
         self.last_error: str | None = None
         self.synced = asyncio.Event()
+        """Set once every subscribed type had its first response."""
+        self._workloads_reported = False
 
     async def run(self) -> None:
         backoff = self.initial_backoff
@@ -301,16 +341,30 @@ class XdsClient:
                 if not self.connected:
                     self.connected = True
                     log.info("xDS connected to %s", self.connection.target)
+                first = not self.core.answered(response.type_url)
                 reply, changed = self.core.receive(response)
                 if reply.HasField("error_detail"):
                     log.error("xDS NACK of %s: %s", response.type_url, reply.error_detail.message)
-                was_synced = self.synced.is_set()
-                if changed or (self.core.synced and not was_synced):
-                    self.on_update(self.core.snapshot())
+                self._report(response.type_url, changed, first)
                 if self.core.synced:
                     self.synced.set()
                 await call.write(reply)
                 yield response
+
+    def _report(self, type_url: str, changed: bool, first: bool) -> None:
+        """Hand the applied config to the callbacks: the workload snapshot after a change to
+        a workload type (and at the first sync), the L7 objects after a change to them (and
+        at their first response)."""
+        if type_url == L7_TYPE:
+            if (changed or first) and self.on_l7 is not None:
+                self.on_l7(self.core.l7_objects())
+            return
+        if type_url not in WORKLOAD_TYPES:
+            return
+        workload_synced = all(self.core.answered(t) for t in self.core.types if t in WORKLOAD_TYPES)
+        if changed or (workload_synced and not self._workloads_reported):
+            self._workloads_reported = workload_synced or self._workloads_reported
+            self.on_update(self.core.snapshot())
 
 
 class CaClient:
@@ -357,6 +411,8 @@ class CaClient:
 
 
 __all__ = [
+    "L7_TYPE",
+    "TYPES",
     "CaClient",
     "ControlPlaneConnection",
     "DeltaClient",

@@ -1,17 +1,24 @@
-"""The workload model <-> Istio's wire messages (`istio.workload.Address`, L4 `Authorization`).
+"""The workload model <-> Istio's wire messages (`istio.workload.Address`, L4 `Authorization`),
+and Kubernetes objects <-> our `ztagent.waypoint.v1.L7Resource`.
 
 The control plane encodes `Workload`, `Service` and `Authorization` values into the messages
-istiod sends ztunnel; the node agent's xDS client decodes them back. Decoding reads untrusted
-input, so every field is checked and a bad resource raises `Invalid` with the field path
-(proto field names), which the client turns into a NACK for that resource while the others
-apply. Pure: no I/O.
+istiod sends ztunnel; the node agent's xDS client decodes them back. Waypoints also receive
+their L7 configuration (routes, destination rules, policies, services) as `L7Resource`s: each
+carries one whole Kubernetes object as JSON. Decoding reads untrusted input, so every field is
+checked and a bad resource raises `Invalid` with the field path (proto field names, then the
+object's own fields under `json`), which the client turns into a NACK for that resource while
+the others apply. Pure: no I/O.
 """
 
 from __future__ import annotations
 
+import base64
+import datetime
 import ipaddress
-from collections.abc import Iterable
-from typing import TypeVar
+import json
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any, TypeVar
 
 from ztagent.identity.spiffe import Identity, InvalidIdentity
 from ztagent.model.fields import Invalid, join
@@ -39,9 +46,11 @@ from ztagent.model.workload import (
 )
 from ztagent.xds.gen.istio.security import authorization_pb2 as security_pb
 from ztagent.xds.gen.istio.workload import workload_pb2 as workload_pb
+from ztagent.xds.gen.ztagent.waypoint.v1 import l7_pb2 as l7_pb
 
 ADDRESS_TYPE = "type.googleapis.com/istio.workload.Address"
 AUTHORIZATION_TYPE = "type.googleapis.com/istio.security.Authorization"
+L7_TYPE = "type.googleapis.com/ztagent.waypoint.v1.L7Resource"
 
 T = TypeVar("T")
 
@@ -408,3 +417,86 @@ def authorization_from_proto(message: security_pb.Authorization) -> Authorizatio
         rules=tuple(rules),
         dry_run=message.dry_run,
     )
+
+
+# --- L7 resources (Kubernetes objects for waypoints) -------------------------------------------
+
+
+def l7_name(kind: str, namespace: str, name: str) -> str:
+    """The xDS resource name of one object: `<Kind>/<namespace>/<name>`."""
+    return f"{kind}/{namespace}/{name}"
+
+
+def _utc_text(moment: datetime.datetime) -> str:
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=datetime.UTC)
+    moment = moment.astimezone(datetime.UTC)
+    spec = "seconds" if not moment.microsecond else "microseconds"
+    return moment.replace(tzinfo=None).isoformat(timespec=spec) + "Z"
+
+
+def _jsonable(value: object) -> Any:
+    """`value` with what YAML can hold but JSON cannot made JSON: timestamps as Kubernetes
+    writes them (RFC 3339, UTC), binary as base64, other keys and scalars as text."""
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        items = sorted(value, key=str) if isinstance(value, set | frozenset) else value
+        return [_jsonable(v) for v in items]
+    if isinstance(value, datetime.datetime):
+        return _utc_text(value)
+    if isinstance(value, datetime.date):
+        return value.isoformat()
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode()
+    return str(value)
+
+
+def l7_json(document: Mapping[str, Any]) -> str:
+    """The object as compact JSON with sorted keys (the same object gives the same text)."""
+    return json.dumps(
+        _jsonable(document), sort_keys=True, separators=(",", ":"), ensure_ascii=False
+    )
+
+
+def l7_to_proto(document: Mapping[str, Any]) -> l7_pb.L7Resource:
+    """One Kubernetes object (with `apiVersion`, `kind`, `metadata.name`) as an `L7Resource`."""
+    metadata = document.get("metadata")
+    if not isinstance(metadata, Mapping):
+        raise ValueError("the object has no metadata")
+    return l7_pb.L7Resource(
+        api_version=str(document.get("apiVersion", "")),
+        kind=str(document.get("kind", "")),
+        namespace=str(metadata.get("namespace") or ""),
+        name=str(metadata.get("name", "")),
+        json=l7_json(document),
+    )
+
+
+def l7_from_proto(message: l7_pb.L7Resource) -> dict[str, Any]:
+    """The checked object; raises `Invalid` naming the field that is wrong."""
+    for name in ("api_version", "kind", "name"):
+        if not getattr(message, name):
+            raise Invalid(name, "must not be empty")
+    try:
+        document = json.loads(message.json)
+    except (ValueError, RecursionError) as exc:
+        raise Invalid("json", f"not valid JSON: {exc}") from None
+    if not isinstance(document, dict):
+        raise Invalid("json", "must be a JSON object")
+    for key, field_name in (("apiVersion", "api_version"), ("kind", "kind")):
+        if document.get(key) != getattr(message, field_name):
+            expected = getattr(message, field_name)
+            raise Invalid(join("json", key), f"does not match {field_name} {expected!r}")
+    metadata = document.get("metadata")
+    if not isinstance(metadata, dict):
+        raise Invalid("json.metadata", "must be an object")
+    if metadata.get("name") != message.name:
+        raise Invalid("json.metadata.name", f"does not match name {message.name!r}")
+    if (metadata.get("namespace") or "") != message.namespace:
+        raise Invalid("json.metadata.namespace", f"does not match namespace {message.namespace!r}")
+    return document
