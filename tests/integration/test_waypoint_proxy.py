@@ -15,10 +15,9 @@ import json
 import subprocess
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -235,6 +234,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         waypoint_server = HboneServer(waypoint_tls, waypoint.decide)
         await waypoint_server.listen(WAYPOINT_IP, 15008)
         sleep = HboneClient(TlsConfig(ca.issue(CLIENT_ID)))
+        tunnels: set[asyncio.Task[Any]] = set()
 
         class Outbound(asyncio.Protocol):
             def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -247,7 +247,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
                     expected_identities=frozenset({WAYPOINT_ID}),
                     source=("127.0.91.50", 40000),
                 )
-                loop.create_task(sleep.open(leg, tunnel))
+                tunnels.add(loop.create_task(sleep.open(leg, tunnel)))
 
             port = 80
 
@@ -485,7 +485,7 @@ def test_grpc_unary_routed_by_path(lab: Lab) -> None:
     with grpc.insecure_channel(
         f"127.0.0.1:{port}", options=[("grpc.default_authority", f"{HOST}:9090")]
     ) as channel:
-        call = channel.unary_unary("/ztlab.Echo/Call")
+        call: grpc.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary("/ztlab.Echo/Call")
         answers = {json.loads(call(b"hi", timeout=10))["pod"] for _ in range(5)}
         assert answers == {"web-v2"}
         with pytest.raises(grpc.RpcError) as info:
@@ -518,3 +518,111 @@ def test_outlier_detection_ejects_and_readmits(lab: Lab) -> None:
         for _ in range(10):
             client.get("/o")
         assert lab.backends["web-v1-a"].hits > before  # readmitted
+
+
+def test_trace_context_propagated_and_spans_exported(lab: Lab) -> None:
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from ztagent.telemetry.tracing import OtlpExporter
+
+    posted: list[dict[str, Any]] = []
+
+    class Collector(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            length = int(self.headers["content-length"])
+            posted.append(json.loads(self.rfile.read(length)))
+            self.send_response(200)
+            self.send_header("content-length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, format: str, *args: Any) -> None:
+            return
+
+    collector = ThreadingHTTPServer(("127.0.0.1", 0), Collector)
+    threading.Thread(target=collector.serve_forever, daemon=True).start()
+    try:
+        endpoint = f"http://127.0.0.1:{collector.server_address[1]}"
+        exporter = OtlpExporter(endpoint, "waypoint.demo", interval=0.2)
+        lab.loop.call_soon_threadsafe(setattr, lab.waypoint, "exporter", exporter)
+        lab.reset()
+        lab.configure()
+        trace = "4bf92f3577b34da6a3ce929d0e0e4736"
+        parent = "00f067aa0ba902b7"
+        with lab.client() as client:
+            client.get("/traced", headers={"traceparent": f"00-{trace}-{parent}-01"})
+            client.get("/untraced")
+        upstream = [s["headers"] for b in lab.backends.values() for s in b.seen]
+        traced = next(h for h in upstream if h["traceparent"].split("-")[1] == trace)
+        assert traced["traceparent"].split("-")[2] != parent  # the waypoint's span is the parent
+        assert traced["x-b3-traceid"] == trace
+        assert all(h.get("x-request-id") for h in upstream)
+        deadline = time.monotonic() + 10
+        spans: list[dict[str, Any]] = []
+        while time.monotonic() < deadline and len(spans) < 2:
+            spans = [
+                span
+                for batch in posted
+                for rs in batch["resourceSpans"]
+                for ss in rs["scopeSpans"]
+                for span in ss["spans"]
+            ]
+            time.sleep(0.1)
+        assert len(spans) == 2
+        mine = next(s for s in spans if s["traceId"] == trace)
+        assert mine["parentSpanId"] == parent and mine["kind"] == 2
+    finally:
+        lab.loop.call_soon_threadsafe(setattr, lab.waypoint, "exporter", None)
+        collector.shutdown()
+        collector.server_close()
+
+
+def test_httproute_filters_and_404(lab: Lab) -> None:
+    lab.reset()
+    lab.configure(
+        {
+            "apiVersion": "gateway.networking.k8s.io/v1",
+            "kind": "HTTPRoute",
+            "metadata": {"name": "web", "namespace": NS},
+            "spec": {
+                "parentRefs": [{"group": "", "kind": "Service", "name": "web", "port": 80}],
+                "rules": [
+                    {
+                        "matches": [{"path": {"type": "PathPrefix", "value": "/gw"}}],
+                        "filters": [
+                            {
+                                "type": "RequestHeaderModifier",
+                                "requestHeaderModifier": {
+                                    "set": [{"name": "x-via", "value": "gw"}]
+                                },
+                            },
+                            {
+                                "type": "ResponseHeaderModifier",
+                                "responseHeaderModifier": {
+                                    "add": [{"name": "x-out", "value": "1"}]
+                                },
+                            },
+                            {
+                                "type": "URLRewrite",
+                                "urlRewrite": {
+                                    "path": {
+                                        "type": "ReplacePrefixMatch",
+                                        "replacePrefixMatch": "/new",
+                                    }
+                                },
+                            },
+                        ],
+                        "backendRefs": [{"name": "web", "port": 80}],
+                    }
+                ],
+            },
+        }
+    )
+    with lab.client() as client:
+        response = client.get("/gw/page")
+        assert response.status_code == 200
+        assert response.headers["x-out"] == "1"
+        assert response.json()["path"] == "/new/page"
+        assert client.get("/elsewhere").status_code == 404
+    seen = [s for b in lab.backends.values() for s in b.seen]
+    assert [s["headers"]["x-via"] for s in seen] == ["gw"]
