@@ -70,6 +70,8 @@ class Backend:
         while chunk := await body.read():
             received += len(chunk)
         self.hits += 1
+        if head.path.startswith("/slow"):
+            await asyncio.sleep(0.5)
         headers = dict(head.headers)
         self.seen.append({"path": head.path, "headers": headers, "authority": head.authority})
         status = 200
@@ -626,3 +628,63 @@ def test_httproute_filters_and_404(lab: Lab) -> None:
         assert client.get("/elsewhere").status_code == 404
     seen = [s for b in lab.backends.values() for s in b.seen]
     assert [s["headers"]["x-via"] for s in seen] == ["gw"]
+
+
+def test_fault_injection_timeout_and_mirror(lab: Lab) -> None:
+    lab.reset()
+    lab.configure(
+        DR,
+        _vs(
+            {
+                "match": [{"uri": {"prefix": "/abort"}}],
+                "fault": {"abort": {"httpStatus": 418, "percentage": {"value": 100}}},
+                "route": [_to("v1")],
+            },
+            {
+                "match": [{"uri": {"prefix": "/delay"}}],
+                "fault": {"delay": {"fixedDelay": "0.3s", "percentage": {"value": 100}}},
+                "route": [_to("v1")],
+            },
+            {"match": [{"uri": {"prefix": "/slow"}}], "timeout": "0.2s", "route": [_to("v1")]},
+            {
+                "route": [_to("v1")],
+                "mirror": {"host": "web", "subset": "v2"},
+                "mirrorPercentage": {"value": 100},
+            },
+        ),
+    )
+    with lab.client() as client:
+        assert client.get("/abort").status_code == 418
+        started = time.monotonic()
+        assert client.get("/delay").status_code == 200
+        assert time.monotonic() - started >= 0.3
+        assert client.get("/slow").status_code == 504
+        assert client.get("/mirrored").json()["version"] == "v1"
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and not lab.backends["web-v2"].seen:
+        time.sleep(0.05)
+    shadow = lab.backends["web-v2"].seen
+    assert [s["authority"] for s in shadow] == [f"{HOST}-shadow"]
+
+
+def test_connection_pool_overflow_and_consistent_hash(lab: Lab) -> None:
+    lab.reset()
+    dr = json.loads(json.dumps(DR))
+    dr["spec"]["trafficPolicy"] = {
+        "connectionPool": {"tcp": {"maxConnections": 1}, "http": {"http1MaxPendingRequests": 1}},
+        "loadBalancer": {"consistentHash": {"httpHeaderName": "x-user"}},
+    }
+    lab.configure(dr, _vs({"route": [_to("v1")], "retries": {"attempts": 0}}))
+
+    def get(path: str, user: str) -> httpx.Response:
+        with lab.client() as client:
+            return client.get(path, headers={"x-user": user})
+
+    with futures.ThreadPoolExecutor(max_workers=6) as pool:
+        results = list(pool.map(lambda i: get("/slow", "same"), range(6)))
+    statuses = sorted(r.status_code for r in results)
+    assert 503 in statuses and 200 in statuses, statuses
+    overflowed = next(r for r in results if r.status_code == 503)
+    assert overflowed.headers.get("x-envoy-overloaded") == "true"
+    pods = {get("/h", "alice").json()["pod"] for _ in range(10)}
+    assert len(pods) == 1
