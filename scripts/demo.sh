@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Set up, then build the ambient lab (two nodes, five pods, eBPF capture, HBONE between the
-# nodes) and run its demo. Needs root. Running it again rebuilds the lab.
+# Set up, then build the ambient lab (two nodes, eight app pods and a waypoint, eBPF capture,
+# HBONE between the nodes) and run its demo (mesh and waypoint L7 checks). Needs root.
+# Running it again rebuilds the lab.
 # Extra arguments go to `ztagent lab up` and `ztagent lab demo` (e.g. --prefix, --dir).
 set -euo pipefail
 

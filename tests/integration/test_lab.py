@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from ztagent.lab import apps, command, demo, netns, state
+from ztagent.lab import apps, command, demo, netns, state, waypoint_demo
 from ztagent.lab.command import read_resources, write_resources
 from ztagent.lab.topology import APP_PORT, Node, Plan, Pod, Settings, make_plan
 
@@ -139,7 +139,7 @@ def test_up_status_apps_down(lab_dir: Path) -> None:
     plan = make_plan(settings(lab_dir))
     done = lab(lab_dir, "up")
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "[6/6]" in done.stdout
+    assert "[7/7]" in done.stdout
 
     assert sorted(ours(netns.list_netns())) == sorted(plan.namespaces)
     status = lab(lab_dir, "status")
@@ -151,7 +151,7 @@ def test_up_status_apps_down(lab_dir: Path) -> None:
         line = next(line for line in status.stdout.splitlines() if line.startswith(pod.key + " "))
         enrolled = "yes" if pod.enrolled else "no"
         assert pod.ip in line and pod.node in line and f" {enrolled} " in line, status.stdout
-    for name in ("namespaces.yaml", "pods.yaml", "services.yaml"):
+    for name in ("namespaces.yaml", "pods.yaml", "services.yaml", "waypoint.yaml"):
         assert (lab_dir / "config" / name).exists()
     assert "control plane: " in status.stdout and ", ready); config errors: 0" in status.stdout
     assert (lab_dir / "logs" / "node-a.log").exists()
@@ -160,14 +160,20 @@ def test_up_status_apps_down(lab_dir: Path) -> None:
     # Every pod's app answers with its own name, and a call between non-enrolled pods on
     # different nodes is direct: the app sees the caller's address.
     legacy_b, legacy_a = plan.pod("b-legacy"), plan.pod("a-legacy")
-    for pod in plan.pods:
+    for pod in plan.app_pods:
         answer = call_from(legacy_b.netns, pod.ip, 8080, f"/hello-{pod.key}")
         assert answer["pod"] == pod.key and answer["path"] == f"/hello-{pod.key}"
     answer = call_from(legacy_b.netns, legacy_a.ip, 8080, "/direct")
     assert str(answer["peer"]).rsplit(":", 1)[0] == legacy_b.ip
 
     pids = recorded_pids(lab_dir)
-    assert len(pids) == len(plan.pods) + len(plan.nodes) + 1  # and the control plane
+    st = state.load(lab_dir / "state.json")
+    assert st is not None
+    waypoint = 1 if st.waypoint else 0
+    assert len(pids) == len(plan.app_pods) + len(plan.nodes) + 1 + waypoint  # + control plane
+    line = next(line for line in status.stdout.splitlines() if line.startswith("waypoint: "))
+    assert plan.waypoint.ip in line
+    assert line.endswith(", ready)") if st.waypoint else "not started" in line, line
     done = lab(lab_dir, "down")
     assert done.returncode == 0, done.stderr
     assert leftovers(lab_dir, pids) == []
@@ -229,8 +235,16 @@ def test_demo_passes(lab_dir: Path) -> None:
         f"--- {p.name}\n{p.read_text(errors='replace')[-4000:]}"
         for p in sorted((lab_dir / "logs").glob("node-*.log"))
     )
-    assert demo.returncode == 0, demo.stdout + demo.stderr + logs
-    assert "7/7 checks passed" in demo.stdout
+    lines = [line for line in demo.stdout.splitlines() if line.startswith(("PASS", "FAIL"))]
+    assert len(lines) == 7 + len(waypoint_demo.CHECK_NAMES), demo.stdout + demo.stderr
+    assert all(line.startswith("PASS") for line in lines[:7]), demo.stdout + demo.stderr + logs
+    st = state.load(lab_dir / "state.json")
+    assert st is not None
+    if st.waypoint:
+        assert demo.returncode == 0, demo.stdout + demo.stderr + logs
+        assert f"{len(lines)}/{len(lines)} checks passed" in demo.stdout
+    else:
+        assert demo.returncode == 1 and "7/14 checks passed" in demo.stdout, demo.stdout
 
 
 # --------------------------------------------------------------------------- capture at runtime

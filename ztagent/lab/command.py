@@ -19,18 +19,20 @@ from ztagent.control.auth import TOKEN_SIGNING_KEY, TokenSigner
 from ztagent.identity.ca import ROOT_CERT, CertificateAuthority
 from ztagent.identity.certs import write_file
 from ztagent.lab import netns, state
+from ztagent.lab.resources import lab_resources as lab_resources
 from ztagent.lab.topology import (
     AGENT_NAMESPACE,
     AGENT_SERVICE_ACCOUNT,
     APP_PORT,
-    ENROLLED_NAMESPACE,
     GATEWAY,
-    LEGACY_NAMESPACE,
-    SERVICE_PORT,
+    GRPC_PORT,
+    HBONE_PORT,
     TRUST_DOMAIN,
+    WAYPOINT_NAME,
     LabError,
     Node,
     Plan,
+    Pod,
     Settings,
     make_plan,
 )
@@ -55,61 +57,6 @@ def say(message: str) -> None:
 # --------------------------------------------------------------------------- config
 
 
-def lab_resources(plan: Plan) -> dict[str, list[dict[str, Any]]]:
-    """The lab as Kubernetes objects, file by file: the namespaces (`demo` labelled
-    `istio.io/dataplane-mode=ambient`, `legacy` not), one Pod per lab pod (IP, node, service
-    account, labels, Ready) and the `echo` Service. `ztagent control` translates them."""
-    namespaces = [
-        {
-            "apiVersion": "v1",
-            "kind": "Namespace",
-            "metadata": {
-                "name": ENROLLED_NAMESPACE,
-                "labels": {"istio.io/dataplane-mode": "ambient"},
-            },
-        },
-        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": LEGACY_NAMESPACE}},
-    ]
-    pods = [
-        {
-            "apiVersion": "v1",
-            "kind": "Pod",
-            "metadata": {
-                "name": pod.key,
-                "namespace": pod.namespace,
-                "labels": {"app": pod.app},
-            },
-            "spec": {
-                "nodeName": pod.node,
-                "serviceAccountName": pod.service_account,
-                "containers": [
-                    {"name": pod.app, "ports": [{"name": "http", "containerPort": APP_PORT}]}
-                ],
-            },
-            "status": {
-                "phase": "Running",
-                "podIP": pod.ip,
-                "podIPs": [{"ip": pod.ip}],
-                "conditions": [{"type": "Ready", "status": "True"}],
-            },
-        }
-        for pod in plan.pods
-    ]
-    services = [
-        {
-            "apiVersion": "v1",
-            "kind": "Service",
-            "metadata": {"name": "echo", "namespace": ENROLLED_NAMESPACE},
-            "spec": {
-                "selector": {"app": "echo"},
-                "clusterIP": plan.service_vip,
-                "ports": [{"name": "http", "port": SERVICE_PORT, "targetPort": "http"}],
-            },
-        }
-    ]
-    return {"namespaces.yaml": namespaces, "pods.yaml": pods, "services.yaml": services}
-
-
 def write_resources(path: Path, documents: list[dict[str, Any]]) -> None:
     """Replace one YAML file at once, so the control plane never reads half of it."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -129,13 +76,23 @@ def read_resources(path: Path) -> list[dict[str, Any]]:
 
 
 def issue_tokens(plan: Plan) -> None:
-    """One token per node agent, bound to its node (the CA lets it ask for that node's pods)."""
+    """One token per node agent, bound to its node (the CA lets it ask for that node's pods),
+    and the waypoint's, for its own service account and pod (what `ztagent control token
+    --namespace demo --service-account waypoint --node node-b --pod b-waypt` writes)."""
     signer = TokenSigner(plan.ca_dir / TOKEN_SIGNING_KEY, trust_domain=TRUST_DOMAIN)
+    tokens: list[tuple[str, str]] = []
     for node in plan.nodes:
         token = signer.issue(
             AGENT_NAMESPACE, AGENT_SERVICE_ACCOUNT, node=node.name, pod=f"ztagent-{node.name}"
         )
-        path = plan.token_path(node.name)
+        tokens.append((node.name, token))
+    waypoint = plan.waypoint
+    token = signer.issue(
+        waypoint.namespace, waypoint.service_account, node=waypoint.node, pod=waypoint.key
+    )
+    tokens.append((waypoint.key, token))
+    for name, token in tokens:
+        path = plan.token_path(name)
         path.parent.mkdir(parents=True, exist_ok=True)
         write_file(path, token.encode(), 0o600)
 
@@ -173,8 +130,18 @@ def tcp_open(netns_name: str, address: tuple[str, int], timeout: float = 1.0) ->
 
 def readiness(plan: Plan, node: Node) -> str:
     """ "ready", "HTTP <code>" or the error reaching the agent's readiness endpoint."""
+    return _ready(node.netns, node.readiness)
+
+
+def waypoint_readiness(plan: Plan) -> str:
+    """The same for the waypoint, asked from inside its pod."""
+    pod = plan.waypoint
+    return _ready(pod.netns, pod.readiness)
+
+
+def _ready(netns_name: str, address: tuple[str, int]) -> str:
     try:
-        status, _ = http_get(node.netns, node.readiness, "/healthz/ready", 2.0)
+        status, _ = http_get(netns_name, address, "/healthz/ready", 2.0)
     except (OSError, http.client.HTTPException, LabError) as exc:
         return f"unreachable ({exc})"
     return "ready" if status == 200 else f"HTTP {status}"
@@ -183,16 +150,25 @@ def readiness(plan: Plan, node: Node) -> str:
 # --------------------------------------------------------------------------- up
 
 
-def capture_supported() -> bool:
-    """Whether this `ztagent node` has the eBPF capture flags."""
+def _help(*words: str) -> str:
     done = subprocess.run(
-        [sys.executable, "-m", "ztagent", "node", "--help"],
+        [sys.executable, "-m", "ztagent", *words, "--help"],
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
     )
-    return "--capture" in done.stdout
+    return done.stdout if done.returncode == 0 else ""
+
+
+def capture_supported() -> bool:
+    """Whether this `ztagent node` has the eBPF capture flags."""
+    return "--capture" in _help("node")
+
+
+def waypoint_supported() -> bool:
+    """Whether this ztagent has the `waypoint` command (with the flags the lab passes)."""
+    return "--gateway" in _help("waypoint")
 
 
 def _record_netns(plan: Plan, st: state.State, name: str) -> None:
@@ -231,6 +207,8 @@ def build_network(plan: Plan, st: state.State) -> None:
         netns.ip("addr", "add", f"{GATEWAY}/32", "dev", "lo", "scope", "link", netns=node.netns)
         netns.sysctl(node.netns, "net.ipv4.ip_forward", "1")
     for node in plan.nodes:
+        # Pods that talk to the control plane themselves (the waypoint) get answers back.
+        netns.ip("route", "add", node.pod_cidr, "via", node.ip, netns=under)
         for other in plan.nodes:
             if other.name != node.name:
                 netns.ip("route", "add", other.pod_cidr, "via", other.ip, netns=node.netns)
@@ -400,6 +378,71 @@ def agent_command(plan: Plan, node: Node, capture: bool) -> list[str]:
     return command
 
 
+def waypoint_command(plan: Plan) -> list[str]:
+    """`ztagent waypoint` for the lab's waypoint pod, on the pod's own address."""
+    pod = plan.waypoint
+    control = f"{plan.control_ip}:{plan.control_address[1]}"
+    root = str((plan.ca_dir / ROOT_CERT).resolve())
+
+    def at(address: tuple[str, int]) -> str:
+        return f"{address[0]}:{address[1]}"
+
+    return [
+        sys.executable,
+        "-m",
+        "ztagent",
+        "waypoint",
+        "--xds-address",
+        f"https://{control}",
+        "--ca-address",
+        f"https://{control}",
+        "--xds-root-ca",
+        root,
+        "--ca-root-ca",
+        root,
+        "--token-path",
+        str(plan.token_path(pod.key).resolve()),
+        "--pod-name",
+        pod.key,
+        "--pod-namespace",
+        pod.namespace,
+        "--service-account",
+        pod.service_account,
+        "--instance-ip",
+        pod.ip,
+        "--node-name",
+        pod.node,
+        "--gateway",
+        WAYPOINT_NAME,
+        "--listen",
+        at(pod.hbone),
+        "--admin-addr",
+        at(pod.admin),
+        "--metrics-addr",
+        at(pod.metrics),
+        "--readiness-addr",
+        at(pod.readiness),
+    ]
+
+
+def app_command(pod: Pod) -> list[str]:
+    """The echo app of `pod` (with gRPC for the `web` pods)."""
+    command = [
+        sys.executable,
+        "-m",
+        "ztagent.lab.apps",
+        "--listen",
+        f"{pod.ip}:{APP_PORT}",
+        "--name",
+        pod.key,
+        "--version",
+        pod.version,
+    ]
+    if pod.grpc:
+        command += ["--grpc-port", str(GRPC_PORT)]
+    return command
+
+
 def _log_tail(path: str, chars: int = 3000) -> str:
     try:
         return Path(path).read_text(errors="replace")[-chars:]
@@ -409,13 +452,15 @@ def _log_tail(path: str, chars: int = 3000) -> str:
 
 def wait_apps(plan: Plan, records: dict[str, state.Process]) -> None:
     deadline = time.monotonic() + APP_TIMEOUT
-    waiting = list(plan.pods)
+    waiting = list(plan.app_pods)
     while waiting:
         for pod in list(waiting):
             rec = records[pod.key]
             if not state.is_running(rec.pid, rec.start_time):
                 raise LabError(f"the echo app in {pod.netns} exited:\n{_log_tail(rec.log)}")
-            if tcp_open(pod.netns, pod.address, 0.5):
+            if tcp_open(pod.netns, pod.address, 0.5) and (
+                not pod.grpc or tcp_open(pod.netns, pod.grpc_address, 0.5)
+            ):
                 waiting.remove(pod)
         if not waiting:
             return
@@ -455,6 +500,37 @@ def wait_agents(plan: Plan, records: dict[str, state.Process]) -> None:
         time.sleep(0.2)
 
 
+def start_waypoint(plan: Plan, st: state.State) -> state.Process:
+    pod = plan.waypoint
+    env = {k: v for k, v in os.environ.items() if k not in AGENT_ENV_DROPPED}
+    return start_process(plan, st, f"waypoint-{pod.key}", pod.netns, waypoint_command(plan), env)
+
+
+def wait_waypoint(plan: Plan, record: state.Process) -> None:
+    """Until the waypoint answers 200 on /healthz/ready, with a progress line now and then."""
+    start = time.monotonic()
+    deadline = start + READY_TIMEOUT
+    next_progress = start + PROGRESS_EVERY
+    while True:
+        if not state.is_running(record.pid, record.start_time):
+            raise LabError(
+                f"the waypoint exited; its log ({record.log}) ends with:\n" + _log_tail(record.log)
+            )
+        health = waypoint_readiness(plan)
+        if health == "ready":
+            say(f"waypoint {plan.waypoint.key} ready ({time.monotonic() - start:.1f}s)")
+            return
+        now = time.monotonic()
+        if now >= deadline:
+            raise LabError(
+                f"the waypoint is not ready after {READY_TIMEOUT:g}s ({health}); log: {record.log}"
+            )
+        if now >= next_progress:
+            say(f"waiting for the waypoint ({now - start:.0f}s): {health}")
+            next_progress = now + PROGRESS_EVERY
+        time.sleep(0.2)
+
+
 def up(plan: Plan) -> int:
     netns.require_root()
     try:
@@ -474,43 +550,41 @@ def _up(plan: Plan) -> int:
     st = state.State(plan.prefix, plan.settings.pod_cidr, plan.settings.underlay_cidr)
     state.save(plan.state_path, st)
     started = time.monotonic()
-    say(f"[1/6] Kubernetes objects, CA and node-agent tokens in {plan.directory}")
+    say(f"[1/7] Kubernetes objects, CA and tokens in {plan.directory}")
     if plan.ca_dir.exists() and not any(plan.ca_dir.iterdir()):
         plan.ca_dir.rmdir()
     CertificateAuthority.load_or_create(plan.ca_dir, TRUST_DOMAIN)
     for name, documents in lab_resources(plan).items():
         write_resources(plan.resources_dir / name, documents)
     issue_tokens(plan)
-    say(f"[2/6] network: {len(plan.namespaces)} namespaces, underlay {plan.settings.underlay_cidr}")
+    say(f"[2/7] network: {len(plan.namespaces)} namespaces, underlay {plan.settings.underlay_cidr}")
     build_network(plan, st)
-    say(f"[3/6] control plane on {plan.control_ip}:{plan.control_address[1]} (xDS + CA, TLS)")
+    say(f"[3/7] control plane on {plan.control_ip}:{plan.control_address[1]} (xDS + CA, TLS)")
     wait_control(plan, start_control(plan, st))
-    say(f"[4/6] echo apps in {len(plan.pods)} pods")
+    say(f"[4/7] echo apps in {len(plan.app_pods)} pods")
     records: dict[str, state.Process] = {}
-    for pod in plan.pods:
-        command = [
-            sys.executable,
-            "-m",
-            "ztagent.lab.apps",
-            "--listen",
-            f"{pod.ip}:{APP_PORT}",
-            "--name",
-            pod.key,
-        ]
-        records[pod.key] = start_process(plan, st, f"app-{pod.key}", pod.netns, command)
+    for pod in plan.app_pods:
+        records[pod.key] = start_process(plan, st, f"app-{pod.key}", pod.netns, app_command(pod))
     wait_apps(plan, records)
     capture = capture_supported()
     st.capture = capture
     mode = "with eBPF capture" if capture else "WITHOUT capture (this ztagent has no --capture)"
-    say(f"[5/6] agents {mode}, configured over xDS")
+    say(f"[5/7] agents {mode}, configured over xDS")
     for node in plan.nodes:
         command = agent_command(plan, node, capture)
         env = {k: v for k, v in os.environ.items() if k not in AGENT_ENV_DROPPED}
         records[node.name] = start_process(plan, st, node.name, node.netns, command, env)
     wait_agents(plan, records)
+    waypoint = plan.waypoint
+    if waypoint_supported():
+        say(f"[6/7] waypoint in {waypoint.key} on {waypoint.ip}:{HBONE_PORT} ({waypoint.node})")
+        st.waypoint = True
+        wait_waypoint(plan, start_waypoint(plan, st))
+    else:
+        say("[6/7] no waypoint: this ztagent has no `waypoint` command (L7 checks will FAIL)")
     st.phase = "up"
     state.save(plan.state_path, st)
-    say(f"[6/6] up in {time.monotonic() - started:.1f}s; config: {plan.resources_dir}")
+    say(f"[7/7] up in {time.monotonic() - started:.1f}s; config: {plan.resources_dir}")
     print_status(plan)
     return 0
 
@@ -602,7 +676,7 @@ def print_status(plan: Plan) -> int:
     for pod in plan.pods:
         exists = netns.netns_exists(pod.netns)
         enrolled = "yes" if protocols.get(pod.key, "").upper() == "HBONE" else "no"
-        rec = procs.get(f"app-{pod.key}")
+        rec = procs.get(f"app-{pod.key}") or procs.get(f"waypoint-{pod.key}")
         app = "-"
         if rec is not None:
             running = state.is_running(rec.pid, rec.start_time or None)
@@ -622,6 +696,21 @@ def print_status(plan: Plan) -> int:
         )
     print(_table(rows))
     print()
+    waypoint = plan.waypoint
+    rec = procs.get(f"waypoint-{waypoint.key}")
+    if rec is None:
+        health = "not started" + ("" if st and st.waypoint else " (no `waypoint` command)")
+    elif not state.is_running(rec.pid, rec.start_time or None):
+        health = f"pid {rec.pid}, not running"
+        ok = False
+    else:
+        ready = waypoint_readiness(plan)
+        health = f"pid {rec.pid}, {ready}"
+        ok = ok and ready == "ready"
+    print(
+        f"waypoint: {WAYPOINT_NAME} in {waypoint.key} on {waypoint.ip}:{HBONE_PORT} "
+        f"({waypoint.node}; {health})"
+    )
     capture = "on" if st and st.capture else "off"
     phase = st.phase if st else "unknown"
     rec = procs.get("control")

@@ -10,7 +10,10 @@
 6. an L4 DENY policy for a-sleep's principal on b-echo refuses the call; removing it lets
    calls through again;
 7. node-b's metrics count inbound connections (istio_tcp_connections_opened_total,
-   reporter="destination").
+   reporter="destination");
+
+then the waypoint's L7 checks (`waypoint_demo`): canary split, header route, retries, L7 DENY,
+JWT, outlier detection and the waypoint's request metrics.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from ztagent.lab import apps, netns, state
+from ztagent.lab import apps, netns, state, waypoint_demo
 from ztagent.lab.command import http_get, say, write_resources
 from ztagent.lab.topology import HBONE_PORT, LabError, Plan, Pod
 
@@ -461,6 +464,7 @@ def run(plan: Plan) -> int:
     report(check_direct(plan, b_legacy, a_legacy))
     report(check_policy(plan, sleep, b_echo, capture))
     report(check_metrics(plan, b_echo.node, capture))
+    waypoint_demo.run_checks(plan, st.waypoint, lambda r: report(Result(r.name, r.ok, r.detail)))
     passed = sum(r.ok for r in results)
     print(f"{passed}/{len(results)} checks passed", flush=True)
     return 0 if passed == len(results) else 1

@@ -41,6 +41,8 @@ class State:
     processes: list[Process] = field(default_factory=list)
     phase: str = "building"
     capture: bool = False
+    waypoint: bool = False
+    """Whether `up` started the waypoint (this ztagent has the `waypoint` command)."""
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -58,6 +60,7 @@ class State:
                 processes=[Process(**p) for p in data.get("processes", [])],
                 phase=str(data.get("phase", "")),
                 capture=bool(data.get("capture", False)),
+                waypoint=bool(data.get("waypoint", False)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise LabError(f"{path}: not a lab state file ({exc})") from None

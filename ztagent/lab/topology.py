@@ -5,6 +5,11 @@ underlay namespace. Each pod is a namespace with an `eth0` veth to its node, a /
 from its node's pod range and a default route via a link-local gateway (169.254.1.1, answered
 by proxy ARP on the node side, as Calico does). Every namespace and link name starts with the
 prefix; every address comes from the pod and underlay ranges, so the lab owns all of them.
+
+Pods in the enrolled namespace `demo`: `a-sleep` (the caller), `a-echo`/`b-echo` (the `echo`
+Service), `a-web1`/`b-web1` (app web v1) and `b-web2` (web v2) behind the `web` Service, which
+uses the waypoint, and `b-waypt`, the waypoint itself (opted out of capture). `a-legacy` and
+`b-legacy` are in `legacy`, not enrolled. Service VIPs come from the last /24 of the pod range.
 """
 
 from __future__ import annotations
@@ -26,6 +31,13 @@ SERVICE_PORT = 80
 ENROLLED_NAMESPACE = "demo"
 LEGACY_NAMESPACE = "legacy"
 SERVICE_HOST = f"echo.{ENROLLED_NAMESPACE}.svc.cluster.local"
+GRPC_PORT = 9090
+WAYPOINT_NAME = "waypoint"
+WAYPOINT_SERVICE_ACCOUNT = "waypoint"
+LABEL_GATEWAY_NAME = "gateway.networking.k8s.io/gateway-name"
+LABEL_DATAPLANE_MODE = "istio.io/dataplane-mode"
+LABEL_USE_WAYPOINT = "istio.io/use-waypoint"
+LABEL_WAYPOINT_FOR = "istio.io/waypoint-for"
 ADMIN_PORT = 15000
 METRICS_PORT = 15020
 READINESS_PORT = 15021
@@ -35,6 +47,7 @@ CONTROL_ADMIN_PORT = 15014
 AGENT_NAMESPACE = "ztagent-system"
 AGENT_SERVICE_ACCOUNT = "ztagent"
 MAX_IFNAME = 15
+MAX_POD_KEY = 9
 _PREFIX_RE = re.compile(r"^[a-z][a-z0-9-]{0,7}$")
 
 
@@ -85,14 +98,29 @@ class Pod:
     netns: str
     ip: str
     host_veth: str
+    version: str = "v1"
+    account: str = ""
+    """The service account; the app's name when empty."""
+    waypoint: bool = False
+    """The pod runs the waypoint proxy (`ztagent waypoint`) instead of the echo app."""
+    grpc: bool = False
+    """The echo app also serves gRPC on `GRPC_PORT`."""
 
     @property
     def enrolled(self) -> bool:
-        return self.namespace == ENROLLED_NAMESPACE
+        """In the mesh: in the ambient namespace and not opted out (a waypoint is not captured)."""
+        return self.namespace == ENROLLED_NAMESPACE and not self.waypoint
 
     @property
     def service_account(self) -> str:
-        return self.app
+        return self.account or self.app
+
+    @property
+    def labels(self) -> dict[str, str]:
+        """The Pod object's labels."""
+        if self.waypoint:
+            return {LABEL_GATEWAY_NAME: WAYPOINT_NAME, LABEL_DATAPLANE_MODE: "none"}
+        return {"app": self.app, "version": self.version}
 
     @property
     def identity(self) -> str:
@@ -106,6 +134,58 @@ class Pod:
     def address(self) -> tuple[str, int]:
         return (self.ip, APP_PORT)
 
+    @property
+    def grpc_address(self) -> tuple[str, int]:
+        return (self.ip, GRPC_PORT)
+
+    @property
+    def hbone(self) -> tuple[str, int]:
+        """Where a waypoint pod listens for HBONE."""
+        return (self.ip, HBONE_PORT)
+
+    @property
+    def admin(self) -> tuple[str, int]:
+        return (self.ip, ADMIN_PORT)
+
+    @property
+    def metrics(self) -> tuple[str, int]:
+        return (self.ip, METRICS_PORT)
+
+    @property
+    def readiness(self) -> tuple[str, int]:
+        return (self.ip, READINESS_PORT)
+
+
+@dataclass(frozen=True)
+class ServicePort:
+    name: str
+    port: int
+    target: int | str
+    """A container port number, or the name of one."""
+    app_protocol: str = ""
+
+
+@dataclass(frozen=True)
+class LabService:
+    """A Kubernetes Service of the lab, in the enrolled namespace, with its own VIP."""
+
+    name: str
+    vip: str
+    selector: tuple[tuple[str, str], ...]
+    ports: tuple[ServicePort, ...]
+    labels: tuple[tuple[str, str], ...] = ()
+    namespace: str = ENROLLED_NAMESPACE
+
+    @property
+    def hostname(self) -> str:
+        return f"{self.name}.{self.namespace}.svc.{TRUST_DOMAIN}"
+
+    def port(self, name: str) -> int:
+        for port in self.ports:
+            if port.name == name:
+                return port.port
+        raise LabError(f"service {self.name} has no port {name!r}")
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -114,7 +194,28 @@ class Plan:
     bridge: str
     nodes: tuple[Node, ...]
     pods: tuple[Pod, ...]
-    service_vip: str
+    services: tuple[LabService, ...]
+
+    @property
+    def service_vip(self) -> str:
+        """The `echo` Service's VIP."""
+        return self.service("echo").vip
+
+    def service(self, name: str) -> LabService:
+        for service in self.services:
+            if service.name == name:
+                return service
+        raise LabError(f"no service {name!r} in the lab")
+
+    @property
+    def app_pods(self) -> tuple[Pod, ...]:
+        """The pods that run the echo app (every pod but the waypoint)."""
+        return tuple(p for p in self.pods if not p.waypoint)
+
+    @property
+    def waypoint(self) -> Pod:
+        """The waypoint's pod."""
+        return next(p for p in self.pods if p.waypoint)
 
     @property
     def directory(self) -> Path:
@@ -146,8 +247,14 @@ class Plan:
     def control_admin(self) -> tuple[str, int]:
         return (self.control_ip, CONTROL_ADMIN_PORT)
 
-    def token_path(self, node: str) -> Path:
-        return self.directory / "tokens" / f"{node}.token"
+    def token_path(self, name: str) -> Path:
+        """The token of a node agent (by node name) or of the waypoint (by pod key)."""
+        return self.directory / "tokens" / f"{name}.token"
+
+    @property
+    def jwt_dir(self) -> Path:
+        """The signing key the demo's RequestAuthentication trusts."""
+        return self.directory / "jwt"
 
     @property
     def ca_dir(self) -> Path:
@@ -185,15 +292,68 @@ class Plan:
         return tuple(p for p in self.pods if p.node == node)
 
 
-# (key, app, node letter, namespace), in address order per node.
-POD_SPECS: tuple[tuple[str, str, str, str], ...] = (
-    ("a-sleep", "sleep", "a", ENROLLED_NAMESPACE),
-    ("a-echo", "echo", "a", ENROLLED_NAMESPACE),
-    ("a-legacy", "legacy", "a", LEGACY_NAMESPACE),
-    ("b-echo", "echo", "b", ENROLLED_NAMESPACE),
-    ("b-legacy", "legacy", "b", LEGACY_NAMESPACE),
+@dataclass(frozen=True)
+class PodSpec:
+    key: str
+    app: str
+    node_letter: str
+    namespace: str
+    version: str = "v1"
+    account: str = ""
+    waypoint: bool = False
+    grpc: bool = False
+
+
+# In address order per node: new pods go at the end so existing addresses do not move.
+POD_SPECS: tuple[PodSpec, ...] = (
+    PodSpec("a-sleep", "sleep", "a", ENROLLED_NAMESPACE),
+    PodSpec("a-echo", "echo", "a", ENROLLED_NAMESPACE),
+    PodSpec("a-legacy", "legacy", "a", LEGACY_NAMESPACE),
+    PodSpec("a-web1", "web", "a", ENROLLED_NAMESPACE, "v1", grpc=True),
+    PodSpec("b-echo", "echo", "b", ENROLLED_NAMESPACE),
+    PodSpec("b-legacy", "legacy", "b", LEGACY_NAMESPACE),
+    PodSpec("b-web1", "web", "b", ENROLLED_NAMESPACE, "v1", grpc=True),
+    PodSpec("b-web2", "web", "b", ENROLLED_NAMESPACE, "v2", grpc=True),
+    PodSpec(
+        "b-waypt",
+        WAYPOINT_NAME,
+        "b",
+        ENROLLED_NAMESPACE,
+        account=WAYPOINT_SERVICE_ACCOUNT,
+        waypoint=True,
+    ),
 )
 NODE_LETTERS = ("a", "b")
+
+
+def lab_services(vip_range: ipaddress.IPv4Network) -> tuple[LabService, ...]:
+    """The Services, VIPs in order from the first address of `vip_range`: `echo`, `web` (L7
+    scenarios, through the waypoint) and `waypoint` (the address agents send web traffic to)."""
+    base = vip_range.network_address
+    return (
+        LabService(
+            name="echo",
+            vip=str(base + 1),
+            selector=(("app", "echo"),),
+            ports=(ServicePort("http", SERVICE_PORT, "http"),),
+        ),
+        LabService(
+            name="web",
+            vip=str(base + 2),
+            selector=(("app", "web"),),
+            ports=(
+                ServicePort("http", SERVICE_PORT, APP_PORT),
+                ServicePort("grpc", GRPC_PORT, GRPC_PORT, "grpc"),
+            ),
+            labels=((LABEL_USE_WAYPOINT, WAYPOINT_NAME),),
+        ),
+        LabService(
+            name=WAYPOINT_NAME,
+            vip=str(base + 3),
+            selector=((LABEL_GATEWAY_NAME, WAYPOINT_NAME),),
+            ports=(ServicePort("mesh", HBONE_PORT, HBONE_PORT),),
+        ),
+    )
 
 
 def _network(value: str, what: str) -> ipaddress.IPv4Network:
@@ -238,17 +398,23 @@ def make_plan(settings: Settings) -> Plan:
     for letter in NODE_LETTERS:
         node = next(n for n in nodes if n.letter == letter)
         base = ipaddress.ip_network(node.pod_cidr).network_address
-        specs = [s for s in POD_SPECS if s[2] == letter]
-        for index, (key, app, _, namespace) in enumerate(specs):
+        specs = [s for s in POD_SPECS if s.node_letter == letter]
+        for index, spec in enumerate(specs):
+            if len(spec.key) > MAX_POD_KEY:
+                raise LabError(f"pod key {spec.key!r} is longer than {MAX_POD_KEY} characters")
             pods.append(
                 Pod(
-                    key=key,
-                    app=app,
+                    key=spec.key,
+                    app=spec.app,
                     node=node.name,
-                    namespace=namespace,
-                    netns=f"{prefix}{key}",
+                    namespace=spec.namespace,
+                    netns=f"{prefix}{spec.key}",
                     ip=str(base + 10 + index),
-                    host_veth=f"{prefix}{key}",
+                    host_veth=f"{prefix}{spec.key}",
+                    version=spec.version,
+                    account=spec.account,
+                    waypoint=spec.waypoint,
+                    grpc=spec.grpc,
                 )
             )
     for name in (*(p.host_veth for p in pods), *(n.underlay_port for n in nodes)):
@@ -260,5 +426,5 @@ def make_plan(settings: Settings) -> Plan:
         bridge=f"{prefix}br",
         nodes=nodes,
         pods=tuple(pods),
-        service_vip=str(node_ranges[-1].network_address + 1),
+        services=lab_services(node_ranges[-1]),
     )

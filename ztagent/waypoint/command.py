@@ -141,9 +141,14 @@ def settings_from_args(args: argparse.Namespace) -> WaypointSettings:
         raise LocalError("--pod-namespace is required")
     if args.otlp_endpoint and not args.otlp_endpoint.startswith("http://"):
         raise LocalError(f"--otlp-endpoint {args.otlp_endpoint!r}: only http:// is supported")
+    from ztagent.node.xds import parse_address
+
+    xds_address = parse_address(args.xds_address, "--xds-address")
     return WaypointSettings(
-        xds_address=args.xds_address,
-        ca_address=args.ca_address or args.xds_address,
+        xds_address=xds_address,
+        ca_address=parse_address(args.ca_address, "--ca-address")
+        if args.ca_address
+        else xds_address,
         xds_root_ca=args.xds_root_ca,
         ca_root_ca=args.ca_root_ca,
         token_path=args.token_path,
