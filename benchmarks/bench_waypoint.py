@@ -235,10 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, target in targets.items():
             _run_client(plan, target, args.connections, 2.0, 0)  # warm-up
             closed = _run_client(plan, target, args.connections, args.duration, 0)
-            fixed, _, _ = _with_usage(
-                [],
-                lambda t=target: _run_client(plan, t, args.connections, args.duration, args.rate),
-            )
+            fixed = _run_client(plan, target, args.connections, args.duration, args.rate)
             report[name] = {"closed_loop": closed, "open_loop": fixed}
         # CPU and RSS at the fixed rate, waypoint path, measured separately per process group.
         target = targets["waypoint"]

@@ -19,6 +19,7 @@ from typing import Any
 HIGH_WATER = 256 * 1024
 LOW_WATER = 64 * 1024
 STREAM_LIMIT = 64 * 1024
+COALESCE_LIMIT = 16 * 1024
 
 
 class PipeEnd(asyncio.Transport):
@@ -123,9 +124,17 @@ class PipeEnd(asyncio.Transport):
     def _receive(self, data: bytes | bytearray | memoryview) -> None:
         if self._lost:
             return
-        if self._reading and not self._inbox and not self._delivering:
+        if (
+            self._reading
+            and not self._inbox
+            and not self._delivering
+            and not isinstance(self._protocol, asyncio.BufferedProtocol)
+        ):
             self._deliver(data)
             return
+        # Toward a tunnel (a buffered protocol: every delivery becomes a TLS record and a
+        # send): queue, and deliver what was written in this loop iteration at once, so an
+        # HTTP head and body written one after the other leave in one record.
         self._inbox.append(bytes(data))
         self._inbox_size += len(data)
         self._check_pressure()
@@ -167,6 +176,14 @@ class PipeEnd(asyncio.Transport):
         self._scheduled = False
         while self._inbox and self._reading and not self._lost:
             chunk = self._inbox.popleft()
+            if self._inbox and len(chunk) < COALESCE_LIMIT:
+                parts = [chunk]
+                size = len(chunk)
+                while self._inbox and size + len(self._inbox[0]) <= COALESCE_LIMIT:
+                    part = self._inbox.popleft()
+                    parts.append(part)
+                    size += len(part)
+                chunk = b"".join(parts)
             self._inbox_size -= len(chunk)
             self._deliver(chunk)
         self._check_pressure()

@@ -83,7 +83,7 @@ log = logging.getLogger(__name__)
 REPLAY_LIMIT = 64 * 1024
 DETECT_TIMEOUT = 1.0
 HBONE_PORT = 15008
-OUTLIER_SWEEP = 0.1
+LABEL_CACHE_SIZE = 4096
 
 # Envoy's response flags.
 NO_FLAGS = "-"
@@ -142,6 +142,8 @@ class Cluster:
     pool: ConnectionPool
     outlier: OutlierDetector | None
     known: frozenset[str] = frozenset()
+    endpoints_version: int = -1
+    endpoints: list[_Endpoint] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,6 +226,7 @@ class Waypoint:
         self._tables: dict[tuple[str, int], RouteTable] = {}
         self._clusters: dict[tuple[str, str, int, bool], Cluster] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._label_cache: dict[tuple[Any, ...], RequestLabels] = {}
         self.requests = 0
         self.tunnels = 0
 
@@ -413,7 +416,9 @@ class Waypoint:
         )
         if self.exporter is not None:
             self.exporter.submit(span)
-        log.info(
+        if not log.isEnabledFor(logging.DEBUG):
+            return
+        log.debug(
             "%s %s%s %s %d %s %.1fms -> %s",
             head.method,
             head.authority,
@@ -433,6 +438,21 @@ class Waypoint:
         status: int,
         grpc_status: int | None,
     ) -> RequestLabels:
+        service = reply.service or down.service
+        key = (
+            down.source.uid if down.source else str(down.peer_identity),
+            reply.endpoint.uid if reply.endpoint else "",
+            service.key if service else "",
+            grpc,
+            status,
+            grpc_status,
+            reply.flags,
+        )
+        cached = self._label_cache.get(key)
+        if cached is not None:
+            return cached
+        if len(self._label_cache) >= LABEL_CACHE_SIZE:
+            self._label_cache.clear()
         values: dict[str, str] = {"reporter": "waypoint"}
         values.update(_side("source", down.source, down.peer_identity, self.cluster_id))
         endpoint = reply.endpoint
@@ -444,7 +464,6 @@ class Waypoint:
                 self.cluster_id,
             )
         )
-        service = reply.service or down.service
         if service is not None:
             values["destination_service"] = service.hostname
             values["destination_service_name"] = service.name
@@ -454,7 +473,8 @@ class Waypoint:
         values["grpc_response_status"] = "" if grpc_status is None else str(grpc_status)
         values["response_flags"] = reply.flags
         values["connection_security_policy"] = "mutual_tls"
-        return RequestLabels(**values)
+        labels = self._label_cache[key] = RequestLabels(**values)
+        return labels
 
     async def _process(
         self,
@@ -668,6 +688,21 @@ class Waypoint:
         return cluster
 
     def _endpoints(self, cluster: Cluster) -> list[_Endpoint]:
+        if cluster.endpoints_version != self.state.version:
+            cluster.endpoints = self._subset_endpoints(cluster)
+            cluster.endpoints_version = self.state.version
+        found = cluster.endpoints
+        outlier = cluster.outlier
+        if outlier is not None:
+            keys = frozenset(e.key for e in found)
+            if keys != cluster.known:
+                outlier.update_endpoints(keys)
+                cluster.known = keys
+            outlier.sweep(self.clock())
+            return outlier.usable(found)
+        return found
+
+    def _subset_endpoints(self, cluster: Cluster) -> list[_Endpoint]:
         service = self.state.service(cluster.service.key) or cluster.service
         found: list[_Endpoint] = []
         for workload in self.state.endpoints(service):
@@ -679,14 +714,6 @@ class Waypoint:
             labels = self.config.labels_for(workload)
             if all(labels.get(k) == v for k, v in cluster.subset_labels.items()):
                 found.append(_Endpoint(workload, labels))
-        outlier = cluster.outlier
-        if outlier is not None:
-            keys = frozenset(e.key for e in found)
-            if keys != cluster.known:
-                outlier.update_endpoints(keys)
-                cluster.known = keys
-            outlier.sweep(self.clock())
-            return outlier.usable(found)
         return found
 
     def _pick(self, cluster: Cluster, request: Request, tried: set[str]) -> _Endpoint | None:
