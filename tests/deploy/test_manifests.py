@@ -229,7 +229,7 @@ def test_standalone_wiring(rendered: dict[str, list[dict[str, Any]]]) -> None:
     assert control["securityContext"]["fsGroup"] == control["securityContext"]["runAsUser"]
 
     waypoint = find(objects, "Deployment", "waypoint")
-    assert waypoint["spec"]["replicas"] == 0  # a template until `ztagent waypoint` exists
+    assert waypoint["spec"]["replicas"] == 0  # a template, copied into application namespaces
     wp = _container(waypoint["spec"]["template"]["spec"], "waypoint")
     assert wp["args"] == ["waypoint"]
     wp_ports = {p["port"] for p in find(objects, "Service", "waypoint")["spec"]["ports"]}
