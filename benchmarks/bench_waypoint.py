@@ -28,6 +28,7 @@ from typing import Any
 
 import psutil  # type: ignore[import-untyped,unused-ignore]
 
+from benchmarks.bench_lab import lab_command
 from ztagent.lab import state
 from ztagent.lab.topology import Plan, make_plan
 from ztagent.lab.topology import Settings as LabSettings
@@ -130,25 +131,6 @@ def client_main(argv: Sequence[str]) -> int:
 # ------------------------------------------------------------------ driver
 
 
-def _lab(action: str, plan: Plan, directory: Path) -> list[str]:
-    s = plan.settings
-    return [
-        sys.executable,
-        "-m",
-        "ztagent",
-        "lab",
-        action,
-        "--prefix",
-        s.prefix,
-        "--pod-cidr",
-        s.pod_cidr,
-        "--underlay-cidr",
-        s.underlay_cidr,
-        "--dir",
-        str(directory),
-    ]
-
-
 def _run_client(
     plan: Plan, target: str, connections: int, duration: float, rate: float
 ) -> dict[str, Any]:
@@ -225,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": vars(args) | {"json": str(args.json), "dir": str(args.dir)}
     }
     try:
-        subprocess.run(_lab("up", plan, args.dir), check=True, timeout=300)
+        subprocess.run(lab_command("up", plan), check=True, timeout=300)
         targets = {
             "l4": f"{plan.service('echo').vip}:80",
             "waypoint": f"{plan.service('web').vip}:80",
@@ -253,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
             "agent_rss_mib_max": agent_rss,
         }
     finally:
-        subprocess.run(_lab("down", plan, args.dir), timeout=120, check=False)
+        subprocess.run(lab_command("down", plan), timeout=120, check=False)
     l4, wp = report["l4"]["closed_loop"], report["waypoint"]["closed_loop"]
     print(f"{'path':10} {'rps':>8} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8}", end="")
     print(f"  (closed loop, {args.connections} connections)")

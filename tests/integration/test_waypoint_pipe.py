@@ -15,7 +15,7 @@ from ztagent.hbone.server import Allow, HboneServer, InboundRequest
 from ztagent.hbone.tls import TlsConfig
 from ztagent.identity.ca import CertificateAuthority
 from ztagent.identity.spiffe import Identity
-from ztagent.waypoint.pipe import open_streams, pipe
+from ztagent.waypoint.pipe import leg_streams
 
 pytestmark = pytest.mark.integration
 
@@ -39,12 +39,8 @@ async def _serve_sha(reader: asyncio.StreamReader, writer: asyncio.StreamWriter)
 async def _tunnel_streams(
     client: HboneClient, address: tuple[str, int]
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    loop = asyncio.get_running_loop()
-    near, far = pipe(loop)
     leg = TcpLeg()
-    near.set_protocol(leg)
-    leg.connection_made(near)
-    reader, writer = open_streams(far, loop)
+    reader, writer = leg_streams(leg, asyncio.get_running_loop())
     await client.open(
         leg, Tunnel(via=address, target=("10.0.0.1", 80), expected_identities=frozenset({SERVER}))
     )
@@ -65,10 +61,7 @@ def test_streams_through_pipes_on_both_tunnel_ends(tmp_path: Path) -> None:
             seen.append(request)
 
             def serve(leg: TcpLeg) -> None:
-                near, far = pipe(loop)
-                near.set_protocol(leg)
-                leg.connection_made(near)
-                reader, writer = open_streams(far, loop)
+                reader, writer = leg_streams(leg, loop)
                 task = loop.create_task(_serve_sha(reader, writer))
                 handlers.add(task)
                 task.add_done_callback(handlers.discard)

@@ -133,11 +133,13 @@ def _yaml_problem(exc: yaml.YAMLError, first_line: int) -> str:
     return "not valid YAML: " + " ".join(str(exc).split())
 
 
-def _envelope(document: object, file: str, index: int) -> Resource | ResourceError:
+def envelope(document: object, file: str, index: int) -> Resource | ResourceError:
+    """One Kubernetes object as a `Resource`, or what is wrong with its envelope."""
+
     def error(path: str, reason: str, kind: str = "", key: str | None = None) -> ResourceError:
         return ResourceError(kind, index, key, path, reason, file)
 
-    if not isinstance(document, dict):
+    if not isinstance(document, Mapping):
         what = "a list" if isinstance(document, list) else type(document).__name__
         return error("", f"a resource must be a mapping, got {what}")
     kind = document.get("kind")
@@ -147,7 +149,7 @@ def _envelope(document: object, file: str, index: int) -> Resource | ResourceErr
         return error("kind", "is required (a non-empty string)")
     if not isinstance(api_version, str) or not api_version:
         return error("apiVersion", "is required (a non-empty string)", kind)
-    if not isinstance(metadata, dict):
+    if not isinstance(metadata, Mapping):
         return error("metadata", "is required (a mapping with a name)", kind)
     name = metadata.get("name")
     if not isinstance(name, str) or not name:
@@ -189,7 +191,7 @@ def parse_documents(text: str | bytes, file: str = "<input>") -> SourceBatch:
             continue
         if document is None:
             continue
-        result = _envelope(document, file, index)
+        result = envelope(document, file, index)
         if isinstance(result, Resource):
             resources.append(result)
         else:

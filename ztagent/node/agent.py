@@ -51,7 +51,13 @@ from ztagent.telemetry.admin import (
     build_readiness_server,
 )
 from ztagent.telemetry.http import HttpServer
-from ztagent.telemetry.metrics import ConnectionLabels, Metrics, ResponseFlags, SecurityPolicy
+from ztagent.telemetry.metrics import (
+    ConnectionLabels,
+    Metrics,
+    ResponseFlags,
+    SecurityPolicy,
+    peer_labels,
+)
 
 log = logging.getLogger(__name__)
 
@@ -442,25 +448,10 @@ class NodeAgent:
     ) -> ConnectionLabels:
         cluster = self.settings.cluster_id
 
-        def side(w: Workload | None, identity: Identity | None) -> dict[str, str]:
-            if w is None:
-                return {"principal": str(identity) if identity else ""}
-            name = w.workload_name or w.name
-            return {
-                "workload": name,
-                "workload_namespace": w.namespace,
-                "principal": str(identity or w.identity),
-                "app": w.canonical_name or name,
-                "canonical_service": w.canonical_name or name,
-                "version": w.canonical_revision or "latest",
-                "canonical_revision": w.canonical_revision or "latest",
-                "cluster": w.cluster_id or cluster,
-            }
-
         values: dict[str, str] = {"reporter": reporter, "response_flags": flags}
-        values.update({f"source_{k}": v for k, v in side(source, source_identity).items()})
+        values.update(peer_labels("source", source, source_identity, cluster))
         dest_identity = destination.identity if destination is not None else None
-        values.update({f"destination_{k}": v for k, v in side(destination, dest_identity).items()})
+        values.update(peer_labels("destination", destination, dest_identity, cluster))
         if service is not None:
             values["destination_service"] = service.hostname
             values["destination_service_name"] = service.name

@@ -26,6 +26,8 @@ from prometheus_client.metrics_core import CounterMetricFamily, Metric
 
 from ztagent import __version__
 from ztagent.errors import LocalError
+from ztagent.identity.spiffe import Identity
+from ztagent.model.workload import Workload
 
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 UNKNOWN = "unknown"
@@ -139,6 +141,32 @@ class ConnectionLabels:
         return (self.source_workload == name and self.source_workload_namespace == namespace) or (
             self.destination_workload == name and self.destination_workload_namespace == namespace
         )
+
+
+def peer_labels(
+    side: str, workload: Workload | None, identity: Identity | None, cluster: str
+) -> dict[str, str]:
+    """One side's labels (`side` is "source" or "destination"), as Istio derives them from a
+    workload: name, namespace, principal, app/canonical service, version/revision, cluster."""
+    return {f"{side}_{k}": v for k, v in _peer_labels(workload, identity, cluster).items()}
+
+
+def _peer_labels(
+    workload: Workload | None, identity: Identity | None, cluster: str
+) -> dict[str, str]:
+    if workload is None:
+        return {"principal": str(identity) if identity else ""}
+    name = workload.workload_name or workload.name
+    return {
+        "workload": name,
+        "workload_namespace": workload.namespace,
+        "principal": str(identity or workload.identity),
+        "app": workload.canonical_name or name,
+        "canonical_service": workload.canonical_name or name,
+        "version": workload.canonical_revision or "latest",
+        "canonical_revision": workload.canonical_revision or "latest",
+        "cluster": workload.cluster_id or cluster,
+    }
 
 
 LABEL_NAMES: tuple[str, ...] = (

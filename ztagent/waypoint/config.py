@@ -24,7 +24,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ztagent.control.sources import Resource, ResourceError
+from ztagent.control.sources import Resource, ResourceError, envelope
 from ztagent.model.fields import join, show
 from ztagent.model.workload import Workload
 from ztagent.waypoint.authz import DEFAULT_ROOT_NAMESPACE, AuthzConfig, read_authorization_policies
@@ -159,30 +159,6 @@ class WaypointConfig:
         }
 
 
-def _resource(index: int, document: object) -> Resource | ResourceError:
-    def error(path: str, reason: str, kind: str = "", key: str | None = None) -> ResourceError:
-        return ResourceError(kind, index, key, path, reason, SOURCE)
-
-    if not isinstance(document, Mapping):
-        return error("", "an object must be a mapping")
-    kind = document.get("kind")
-    api_version = document.get("apiVersion")
-    metadata = document.get("metadata")
-    if not isinstance(kind, str) or not kind:
-        return error("kind", "is required (a non-empty string)")
-    if not isinstance(api_version, str) or not api_version:
-        return error("apiVersion", "is required (a non-empty string)", kind)
-    if not isinstance(metadata, Mapping):
-        return error("metadata", "is required (a mapping with a name)", kind)
-    name = metadata.get("name")
-    namespace = metadata.get("namespace") or ""
-    if not isinstance(name, str) or not name:
-        return error("metadata.name", "is required (a non-empty string)", kind)
-    if not isinstance(namespace, str):
-        return error("metadata.namespace", "must be a string", kind, name)
-    return Resource(SOURCE, index, api_version, kind, name, namespace, document)
-
-
 def _port_number(value: object, path: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
         raise ValueError(f"{path}: {show(value)} is not a port number")
@@ -239,7 +215,7 @@ def build_config(
     resources: list[Resource] = []
     errors: list[ResourceError] = []
     for index, document in enumerate(objects):
-        built = _resource(index, document)
+        built = envelope(document, SOURCE, index)
         if isinstance(built, ResourceError):
             errors.append(built)
         else:

@@ -234,6 +234,16 @@ def pipe(loop: asyncio.AbstractEventLoop) -> tuple[PipeEnd, PipeEnd]:
     return a, b
 
 
+def leg_streams(
+    leg: asyncio.BaseProtocol, loop: asyncio.AbstractEventLoop
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Connect a tunnel's app side (`leg`, e.g. a `TcpLeg`) to a new stream pair in-process."""
+    near, far = pipe(loop)
+    near.set_protocol(leg)
+    leg.connection_made(near)
+    return open_streams(far, loop)
+
+
 def open_streams(
     end: PipeEnd, loop: asyncio.AbstractEventLoop
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:

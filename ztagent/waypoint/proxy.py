@@ -36,6 +36,7 @@ from ztagent.hbone.server import Allow, Deny, InboundRequest
 from ztagent.identity.spiffe import Identity
 from ztagent.model.store import ProxyState
 from ztagent.model.workload import Service, Workload
+from ztagent.telemetry.metrics import peer_labels
 from ztagent.telemetry.requests import RequestLabels, RequestMetrics
 from ztagent.telemetry.tracing import OtlpExporter, ensure_request_id, start_span
 from ztagent.waypoint import authz, jwt
@@ -59,7 +60,7 @@ from ztagent.waypoint.http import (
     serve_http2,
 )
 from ztagent.waypoint.outlier import LocalOrigin, OutlierDetector
-from ztagent.waypoint.pipe import open_streams, pipe
+from ztagent.waypoint.pipe import leg_streams
 from ztagent.waypoint.resilience import Failure, RetryPolicy
 from ztagent.waypoint.routes import (
     DirectResponse,
@@ -275,11 +276,7 @@ class Waypoint:
             log.error("waypoint task failed", exc_info=task.exception())
 
     def _serve_leg(self, leg: TcpLeg, downstream: Downstream) -> None:
-        loop = asyncio.get_running_loop()
-        near, far = pipe(loop)
-        near.set_protocol(leg)
-        leg.connection_made(near)
-        reader, writer = open_streams(far, loop)
+        reader, writer = leg_streams(leg, asyncio.get_running_loop())
         self.tunnels += 1
         self._spawn(self._serve_tunnel(reader, writer, downstream))
 
@@ -454,16 +451,10 @@ class Waypoint:
         if len(self._label_cache) >= LABEL_CACHE_SIZE:
             self._label_cache.clear()
         values: dict[str, str] = {"reporter": "waypoint"}
-        values.update(_side("source", down.source, down.peer_identity, self.cluster_id))
+        values.update(peer_labels("source", down.source, down.peer_identity, self.cluster_id))
         endpoint = reply.endpoint
-        values.update(
-            _side(
-                "destination",
-                endpoint,
-                endpoint.identity if endpoint else None,
-                self.cluster_id,
-            )
-        )
+        identity = endpoint.identity if endpoint else None
+        values.update(peer_labels("destination", endpoint, identity, self.cluster_id))
         if service is not None:
             values["destination_service"] = service.hostname
             values["destination_service_name"] = service.name
@@ -795,7 +786,7 @@ class Waypoint:
                 cluster.pool.release_request()
                 cluster.balancer.request_finished(endpoint.key)
                 outcome = Failure.CONNECT_FAILURE
-                self._record_local(cluster, endpoint.key, LocalOrigin.CONNECT_FAILED)
+                self._record(cluster, endpoint.key, LocalOrigin.CONNECT_FAILED)
                 last = _local_reply(
                     503,
                     f"upstream connect error or disconnect/reset before headers. reset reason: "
@@ -806,7 +797,7 @@ class Waypoint:
                 cluster.pool.release_request()
                 cluster.balancer.request_finished(endpoint.key)
                 outcome = Failure.RESET if exc.reset else Failure.CONNECT_FAILURE
-                self._record_local(cluster, endpoint.key, LocalOrigin.RESET)
+                self._record(cluster, endpoint.key, LocalOrigin.RESET)
                 last = _local_reply(
                     503,
                     b"upstream connect error or disconnect/reset before headers. "
@@ -817,7 +808,7 @@ class Waypoint:
                 cluster.pool.release_request()
                 cluster.balancer.request_finished(endpoint.key)
                 outcome = Failure.TIMEOUT
-                self._record_local(cluster, endpoint.key, LocalOrigin.TIMEOUT)
+                self._record(cluster, endpoint.key, LocalOrigin.TIMEOUT)
                 last = _local_reply(504, b"upstream request timeout", flags=FLAG_TIMEOUT)
             if reply is not None:
                 last = reply
@@ -846,27 +837,22 @@ class Waypoint:
             cluster.pool.release_retry()
             attempt += 1
 
-    def _record(self, cluster: Cluster, key: str, status: int) -> None:
-        if cluster.outlier is not None:
-            ejection = cluster.outlier.record_status(key, status, self.clock())
-            if ejection is not None:
-                log.info(
-                    "outlier detection ejected %s for %.1fs (%s)",
-                    key,
-                    ejection.duration,
-                    ejection.cause.value,
-                )
-
-    def _record_local(self, cluster: Cluster, key: str, result: LocalOrigin) -> None:
-        if cluster.outlier is not None:
-            ejection = cluster.outlier.record_local(key, result, self.clock())
-            if ejection is not None:
-                log.info(
-                    "outlier detection ejected %s for %.1fs (%s)",
-                    key,
-                    ejection.duration,
-                    ejection.cause.value,
-                )
+    def _record(self, cluster: Cluster, key: str, result: int | LocalOrigin) -> None:
+        """An endpoint's response status, or a failure seen locally, for outlier detection."""
+        outlier = cluster.outlier
+        if outlier is None:
+            return
+        if isinstance(result, LocalOrigin):
+            ejection = outlier.record_local(key, result, self.clock())
+        else:
+            ejection = outlier.record_status(key, result, self.clock())
+        if ejection is not None:
+            log.info(
+                "outlier detection ejected %s for %.1fs (%s)",
+                key,
+                ejection.duration,
+                ejection.cause.value,
+            )
 
     async def _mirror(
         self, host: str, port: int, subset: str, head: RequestHead, body: bytes, http2: bool
@@ -921,12 +907,8 @@ class Waypoint:
     async def _connect_upstream(
         self, key: UpstreamKey
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        loop = asyncio.get_running_loop()
-        near, far = pipe(loop)
         leg = TcpLeg()
-        near.set_protocol(leg)
-        leg.connection_made(near)
-        reader, writer = open_streams(far, loop)
+        reader, writer = leg_streams(leg, asyncio.get_running_loop())
         tunnel = Tunnel(
             via=(key.ip, HBONE_PORT),
             target=(key.ip, key.port),
@@ -1046,24 +1028,6 @@ def _with_propagation(
     client = down.client[0]
     out.append(("x-forwarded-for", f"{forwarded}, {client}" if forwarded else client))
     return out
-
-
-def _side(
-    prefix: str, workload: Workload | None, identity: Identity | None, cluster: str
-) -> dict[str, str]:
-    if workload is None:
-        return {f"{prefix}_principal": str(identity) if identity else "unknown"}
-    name = workload.workload_name or workload.name
-    return {
-        f"{prefix}_workload": name,
-        f"{prefix}_workload_namespace": workload.namespace,
-        f"{prefix}_principal": str(identity or workload.identity),
-        f"{prefix}_app": workload.canonical_name or name,
-        f"{prefix}_version": workload.canonical_revision or "latest",
-        f"{prefix}_canonical_service": workload.canonical_name or name,
-        f"{prefix}_canonical_revision": workload.canonical_revision or "latest",
-        f"{prefix}_cluster": workload.cluster_id or cluster,
-    }
 
 
 def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
