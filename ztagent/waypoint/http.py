@@ -599,6 +599,9 @@ async def _send_h11_response(
 # ------------------------------------------------------------------ HTTP/1.1 client
 
 
+_INLINE_BODY = 64 * 1024
+
+
 class Http1Client:
     """One upstream HTTP/1.1 connection; one request at a time, kept alive when possible."""
 
@@ -684,7 +687,12 @@ class Http1Client:
         except h11.LocalProtocolError as exc:
             self.close()
             raise UpstreamError(f"request not sendable: {exc}", reset=False) from exc
-        self._sender = asyncio.ensure_future(self._send_body(body, chunked))
+        if body.ended and body.buffered <= _INLINE_BODY:
+            # Complete and small: written now, in the same write burst as the head (one
+            # segment on the wire) rather than from a task in a later loop iteration.
+            await self._send_body(body, chunked)
+        else:
+            self._sender = asyncio.ensure_future(self._send_body(body, chunked))
         try:
             resp_head = await self._read_head(head.method)
         except BaseException:

@@ -335,6 +335,9 @@ class Waypoint:
             reply = _local_reply(500, b"internal error", flags=NO_FLAGS)
         if not any(k == "x-request-id" for k, _ in reply.head.headers):
             reply.head.headers.append(("x-request-id", request_id))
+        length = reply.body.length
+        if not reply.body.ended and length is not None and length <= REPLAY_LIMIT:
+            reply = await _read_small(reply)
         if reply.body.ended:
             # Complete already (a local reply, a trailers-only gRPC answer): pass it on as
             # is, so the client gets it in one piece (HEADERS with END_STREAM for gRPC).
@@ -975,6 +978,23 @@ async def _replayable(body: Body) -> bytes | None:
     while chunk := await body.read():
         parts.append(chunk)
     return b"".join(parts)
+
+
+async def _read_small(reply: Reply) -> Reply:
+    """A small response of known length, read whole: its bytes are arriving anyway, and the
+    client then gets head and body in one write, without a task to stream it."""
+    parts: list[bytes] = []
+    try:
+        while chunk := await reply.body.read():
+            parts.append(chunk)
+    except BodyError:
+        if reply.done is not None:
+            reply.done(False)
+        return _local_reply(503, b"upstream reset before the response body ended", flags=FLAG_RESET)
+    body = Body.of(b"".join(parts))
+    body.trailers = list(reply.body.trailers)
+    reply.body = body
+    return reply
 
 
 async def _discard(reply: Reply) -> None:
