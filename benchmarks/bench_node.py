@@ -48,6 +48,7 @@ from benchmarks.bench_tunnels import (
     tool_version,
 )
 from benchmarks.common import LOOPBACK, Metric, raise_nofile_limit, run_server_forever
+from benchmarks.loadgen import LatencyResult, RateResult
 from benchmarks.pairs import (
     Chain,
     HbonePair,
@@ -234,18 +235,6 @@ async def send_only(target: Target) -> None:
         sock.close()
 
 
-@dataclass
-class RateResult:
-    completed: int
-    errors: int
-    seconds: float
-    first_error: str = ""
-
-    @property
-    def per_second(self) -> float:
-        return self.completed / self.seconds if self.seconds > 0 else 0.0
-
-
 async def connection_rate(
     target: Target, duration: float, concurrency: int, max_count: int
 ) -> RateResult:
@@ -269,13 +258,6 @@ async def connection_rate(
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     return RateResult(completed, errors, time.perf_counter() - t0, first_error)
-
-
-@dataclass
-class LatencyResult:
-    samples: list[float] = field(default_factory=list)
-    errors: int = 0
-    first_error: str = ""
 
 
 async def latency_kept(target: Target, max_count: int, duration: float) -> LatencyResult:

@@ -6,7 +6,6 @@ import pytest
 
 from ztagent.hbone.server import InboundRequest
 from ztagent.identity.spiffe import Identity
-from ztagent.node.agent import _forwarded_for
 
 
 def request(forwarded: str | None) -> InboundRequest:
@@ -36,4 +35,4 @@ def request(forwarded: str | None) -> InboundRequest:
     ],
 )
 def test_forwarded_for(header: str | None, expected: str | None) -> None:
-    assert _forwarded_for(request(header)) == expected
+    assert request(header).forwarded_client_ip() == expected

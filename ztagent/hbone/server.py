@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import socket
 import ssl
@@ -45,6 +46,20 @@ class InboundRequest:
 
     def header(self, name: str) -> str | None:
         return next((v for k, v in self.headers if k == name), None)
+
+    def forwarded_client_ip(self) -> str | None:
+        """The client IP in `forwarded: for="ip:port"`, as ztunnel sends it (None if absent or
+        not an address: the connection's own peer address stands for the client then)."""
+        for part in (self.header("forwarded") or "").split(";"):
+            key, _, item = part.strip().partition("=")
+            if key.lower() == "for":
+                item = item.strip('"')
+                try:
+                    return parse_authority(item)[0]
+                except ValueError:
+                    with contextlib.suppress(ValueError):
+                        return str(ipaddress.ip_address(item.strip("[]")))
+        return None
 
 
 @dataclass(frozen=True, slots=True)

@@ -63,17 +63,10 @@ class Settings:
     directory: Path = Path(".lab")
 
 
-@dataclass(frozen=True)
-class Node:
-    name: str
-    """The node name in the config (`node-a`)."""
-    letter: str
-    netns: str
+class _AdminPorts:
+    """Where an agent or waypoint on `ip` serves its admin API, metrics and readiness."""
+
     ip: str
-    """Underlay address of the node's `eth0`."""
-    underlay_port: str
-    """The node veth's peer on the underlay bridge."""
-    pod_cidr: str
 
     @property
     def admin(self) -> tuple[str, int]:
@@ -89,7 +82,20 @@ class Node:
 
 
 @dataclass(frozen=True)
-class Pod:
+class Node(_AdminPorts):
+    name: str
+    """The node name in the config (`node-a`)."""
+    letter: str
+    netns: str
+    ip: str
+    """Underlay address of the node's `eth0`."""
+    underlay_port: str
+    """The node veth's peer on the underlay bridge."""
+    pod_cidr: str
+
+
+@dataclass(frozen=True)
+class Pod(_AdminPorts):
     key: str
     """Short name, unique in the lab (`a-sleep`); the namespace and host veth derive from it."""
     app: str
@@ -142,18 +148,6 @@ class Pod:
     def hbone(self) -> tuple[str, int]:
         """Where a waypoint pod listens for HBONE."""
         return (self.ip, HBONE_PORT)
-
-    @property
-    def admin(self) -> tuple[str, int]:
-        return (self.ip, ADMIN_PORT)
-
-    @property
-    def metrics(self) -> tuple[str, int]:
-        return (self.ip, METRICS_PORT)
-
-    @property
-    def readiness(self) -> tuple[str, int]:
-        return (self.ip, READINESS_PORT)
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from typing import Any, cast
 from ztagent.errors import LocalError, ZtagentError
 from ztagent.hbone.client import HboneClient, Tunnel, TunnelRefused
 from ztagent.hbone.connection import TcpLeg
-from ztagent.hbone.frames import format_authority, parse_authority
+from ztagent.hbone.frames import format_authority
 from ztagent.hbone.server import Allow, Deny, HboneServer, InboundRequest
 from ztagent.hbone.tls import TlsConfig
 from ztagent.identity.ca import CertificateAuthority
@@ -81,21 +81,6 @@ class _Inbound:
 
 def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     return ipaddress.ip_address(text)
-
-
-def _forwarded_for(request: InboundRequest) -> str | None:
-    """The client IP in `forwarded: for="ip:port"`, as ztunnel sends it (None if absent or
-    not an address: the connection's own peer address is used then)."""
-    for part in (request.header("forwarded") or "").split(";"):
-        key, _, item = part.strip().partition("=")
-        if key.lower() == "for":
-            item = item.strip('"')
-            try:
-                return parse_authority(item)[0]
-            except ValueError:
-                with contextlib.suppress(ValueError):
-                    return str(ipaddress.ip_address(item.strip("[]")))
-    return None
 
 
 class NodeAgent:
@@ -482,7 +467,7 @@ class NodeAgent:
         workload = self.state.local_workload_by_ip(_ip(ip))
         if workload is None:
             return Deny(503, f"no local workload with address {ip}")
-        source_ip = _forwarded_for(request) or request.peer_address[0]
+        source_ip = request.forwarded_client_ip() or request.peer_address[0]
         attributes = ConnectionAttributes(request.peer_identity, _ip(source_ip), _ip(ip), port)
         source = self.state.workload_by_address(workload.network, _ip(source_ip))
         verdict = self._authorize(workload, attributes)

@@ -34,6 +34,7 @@ class PipeEnd(asyncio.Transport):
         self._inbox: collections.deque[bytes] = collections.deque()
         self._inbox_size = 0
         self._inbox_eof = False  # the peer wrote EOF; deliver it after the inbox
+        self._close_after_inbox = False  # the peer closed: end this side once delivered
         self._eof_delivered = False
         self._reading = True
         self._delivering = False
@@ -119,8 +120,6 @@ class PipeEnd(asyncio.Transport):
 
     # ---------------------------------------------------------------- delivery
 
-    _close_after_inbox = False
-
     def _receive(self, data: bytes | bytearray | memoryview) -> None:
         if self._lost:
             return
@@ -195,7 +194,7 @@ class PipeEnd(asyncio.Transport):
             keep_open = isinstance(protocol, asyncio.Protocol | asyncio.BufferedProtocol) and bool(
                 protocol.eof_received()
             )
-            if not keep_open and not self._close_after_inbox:
+            if not keep_open:
                 self._close_after_inbox = True
         if self._close_after_inbox and self._eof_delivered:
             self._lose(None)

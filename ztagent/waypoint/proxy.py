@@ -31,11 +31,11 @@ from typing import Any
 
 from ztagent.hbone.client import HboneClient, Tunnel, TunnelFailed, TunnelRefused
 from ztagent.hbone.connection import TcpLeg
-from ztagent.hbone.frames import format_authority, parse_authority
+from ztagent.hbone.frames import format_authority
 from ztagent.hbone.server import Allow, Deny, InboundRequest
 from ztagent.identity.spiffe import Identity
 from ztagent.model.store import ProxyState
-from ztagent.model.workload import Service, Workload
+from ztagent.model.workload import HBONE_MTLS_PORT, Service, Workload
 from ztagent.telemetry.metrics import peer_labels
 from ztagent.telemetry.requests import RequestLabels, RequestMetrics
 from ztagent.telemetry.tracing import OtlpExporter, ensure_request_id, start_span
@@ -83,7 +83,6 @@ log = logging.getLogger(__name__)
 
 REPLAY_LIMIT = 64 * 1024
 DETECT_TIMEOUT = 1.0
-HBONE_PORT = 15008
 LABEL_CACHE_SIZE = 4096
 
 # Envoy's response flags.
@@ -108,8 +107,8 @@ class Downstream:
     """One tunnel into the waypoint: who sent it and where the client was going."""
 
     peer_identity: Identity
-    client: tuple[str, int]
-    """The original client address (the CONNECT's `forwarded: for=`, else the peer)."""
+    client_ip: str
+    """The original client's IP (the CONNECT's `forwarded: for=`, else the peer's)."""
     target: tuple[str, int]
     """The CONNECT `:authority`: service VIP:port or workload IP:port."""
     service: Service | None
@@ -226,6 +225,11 @@ class Waypoint:
         self.upstreams = Upstreams(self._connect_upstream)
         self._tables: dict[tuple[str, int], RouteTable] = {}
         self._clusters: dict[tuple[str, str, int, bool], Cluster] = {}
+        self._policy_cache: dict[
+            str, tuple[jwt.Authenticator | None, list[authz.WaypointPolicy]]
+        ] = {}
+        # Connection pool counters of pod-addressed traffic (no DestinationRule), per workload.
+        self._direct_pools: dict[str, ConnectionPool] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._label_cache: dict[tuple[Any, ...], RequestLabels] = {}
         self.requests = 0
@@ -237,11 +241,9 @@ class Waypoint:
         self.config = config
         self._tables.clear()
         self._clusters.clear()
+        self._policy_cache.clear()
         for error in config.errors:
             log.warning("L7 config: %s", error)
-
-    def state_changed(self) -> None:
-        """Endpoints may have changed: clusters re-read them on their next pick."""
 
     # ------------------------------------------------------------------ tunnels
 
@@ -257,10 +259,10 @@ class Waypoint:
             workload = self.state.workload_by_address("", ip)
             if workload is None:
                 return Deny(404, f"no service or workload at {request.authority}")
-        client = _forwarded_for(request) or request.peer_address
-        source = self.state.workload_by_address("", ipaddress.ip_address(client[0]))
+        client_ip = request.forwarded_client_ip() or request.peer_address[0]
+        source = self.state.workload_by_address("", ipaddress.ip_address(client_ip))
         downstream = Downstream(
-            request.peer_identity, client, request.target, service, workload, source
+            request.peer_identity, client_ip, request.target, service, workload, source
         )
         return Allow(request.target, serve=lambda leg: self._serve_leg(leg, downstream))
 
@@ -481,13 +483,10 @@ class Waypoint:
         service = down.service
         port = down.target[1]
         path = head.path
-        config = self.config
-        target = ("Service", service.namespace, service.name) if service else None
-        # RequestAuthentication
-        authn_policies = authz.policies_for(config.authentication.policies, self.gateway, target)
+        authenticator, policies = self._policies(service)
         auth: authz.RequestAuth | None = None
-        if authn_policies:
-            result = jwt.Authenticator(authn_policies).authenticate(
+        if authenticator is not None:
+            result = authenticator.authenticate(
                 headers, path, now=time.time(), host=head.authority, scheme=head.scheme
             )
             if not result.allowed:
@@ -506,8 +505,6 @@ class Waypoint:
             headers.extend(edits.add)
             if edits.path is not None:
                 path = edits.path
-        # AuthorizationPolicy
-        policies = authz.policies_for(config.authorization.policies, self.gateway, target)
         if policies:
             decision = authz.evaluate(
                 policies,
@@ -518,7 +515,7 @@ class Waypoint:
                     destination_port=port,
                     headers=authz.Headers.of(headers),
                     source_identity=down.peer_identity,
-                    source_ip=_ip(down.client[0]),
+                    source_ip=_ip(down.client_ip),
                     destination_ip=_ip(down.target[0]),
                     auth=auth,
                 ),
@@ -536,7 +533,7 @@ class Waypoint:
             source=SourceInfo(
                 namespace=down.peer_identity.namespace,
                 principal=str(down.peer_identity),
-                address=down.client[0],
+                address=down.client_ip,
             ),
         )
         if service is None:
@@ -628,14 +625,32 @@ class Waypoint:
             down.target[1],
             False,
             str(workload.identity),
-            down.client[0],
+            down.client_ip,
         )
-        pool = ConnectionPool(DEFAULT_POLICY.connection_pool)
+        pool = self._direct_pools.get(workload.uid)
+        if pool is None:
+            pool = self._direct_pools[workload.uid] = ConnectionPool(DEFAULT_POLICY.connection_pool)
         try:
             head, response, done = await self.upstreams.request(key, pool, upstream, body)
         except (UpstreamConnectError, UpstreamError) as exc:
             return _local_reply(503, f"upstream connect error: {exc}".encode(), flags=FLAG_CONNECT)
         return Reply(head, response, NO_FLAGS, workload, None, done)
+
+    def _policies(
+        self, service: Service | None
+    ) -> tuple[jwt.Authenticator | None, list[authz.WaypointPolicy]]:
+        """The RequestAuthentications (ready to check tokens) and AuthorizationPolicies that
+        apply to requests for `service` through this waypoint."""
+        key = service.key if service else ""
+        found = self._policy_cache.get(key)
+        if found is None:
+            target = ("Service", service.namespace, service.name) if service else None
+            config = self.config
+            authn = authz.policies_for(config.authentication.policies, self.gateway, target)
+            policies = authz.policies_for(config.authorization.policies, self.gateway, target)
+            found = (jwt.Authenticator(authn) if authn else None, policies)
+            self._policy_cache[key] = found
+        return found
 
     def _table(self, service: Service, port: int) -> RouteTable:
         key = (service.key, port)
@@ -749,15 +764,8 @@ class Waypoint:
             if isinstance(admission, Overflow):
                 return _overflow(admission)
             workload = endpoint.workload
-            target = self.state.target_port(cluster.service, workload, cluster.port)
-            assert target is not None
-            key = UpstreamKey(
-                str(workload.addresses[0]),
-                target,
-                cluster.http2,
-                str(workload.identity),
-                down.client[0],
-            )
+            key = self._upstream_key(cluster, workload, down.client_ip)
+            assert key is not None  # endpoints are only those with a target port
             per_try = retry.per_try_timeout if retry is not None else None
             limit = per_try
             if deadline is not None:
@@ -817,7 +825,7 @@ class Waypoint:
                 last = reply
             can_retry = (
                 retry is not None
-                and (replay is not None or body.length == 0)
+                and replay is not None
                 and retry.should_retry(attempt, outcome, grpc_status=grpc_status)
             )
             if not can_retry:
@@ -839,6 +847,16 @@ class Waypoint:
             await asyncio.sleep(retry.backoff(attempt, self.rng))
             cluster.pool.release_retry()
             attempt += 1
+
+    def _upstream_key(
+        self, cluster: Cluster, workload: Workload, source_ip: str = ""
+    ) -> UpstreamKey | None:
+        """Where a request to `workload` in `cluster` goes (None: no such port on it)."""
+        target = self.state.target_port(cluster.service, workload, cluster.port)
+        if target is None:
+            return None
+        ip = str(workload.addresses[0])
+        return UpstreamKey(ip, target, cluster.http2, str(workload.identity), source_ip)
 
     def _record(self, cluster: Cluster, key: str, result: int | LocalOrigin) -> None:
         """An endpoint's response status, or a failure seen locally, for outlier detection."""
@@ -868,8 +886,8 @@ class Waypoint:
         endpoint = self._pick(cluster, request, set())
         if endpoint is None:
             return
-        target = self.state.target_port(cluster.service, endpoint.workload, port)
-        if target is None:
+        key = self._upstream_key(cluster, endpoint.workload)
+        if key is None:
             return
         host_name, _, host_port = head.authority.partition(":")
         shadow = RequestHead(
@@ -879,12 +897,6 @@ class Waypoint:
             list(head.headers),
             head.scheme,
             head.protocol,
-        )
-        key = UpstreamKey(
-            str(endpoint.workload.addresses[0]),
-            target,
-            cluster.http2,
-            str(endpoint.workload.identity),
         )
         admission = cluster.pool.try_acquire_request()
         if isinstance(admission, Overflow):
@@ -913,7 +925,7 @@ class Waypoint:
         leg = TcpLeg()
         reader, writer = leg_streams(leg, asyncio.get_running_loop())
         tunnel = Tunnel(
-            via=(key.ip, HBONE_PORT),
+            via=(key.ip, HBONE_MTLS_PORT),
             target=(key.ip, key.port),
             expected_identities=frozenset({Identity.parse(key.identity)}),
             source=(key.source_ip, 0) if key.source_ip else None,
@@ -941,7 +953,7 @@ class Waypoint:
             endpoint = None
             if cluster is not None:
                 picked = self._pick(
-                    cluster, Request("", "/", source=SourceInfo(address=down.client[0])), set()
+                    cluster, Request("", "/", source=SourceInfo(address=down.client_ip)), set()
                 )
                 if picked is not None:
                     endpoint = picked.workload
@@ -950,7 +962,7 @@ class Waypoint:
             log.info("TCP from %s to %s: no endpoint", down.peer_identity, down.target)
             return
         key = UpstreamKey(
-            str(endpoint.addresses[0]), port, False, str(endpoint.identity), down.client[0]
+            str(endpoint.addresses[0]), port, False, str(endpoint.identity), down.client_ip
         )
         try:
             up_reader, up_writer = await self._connect_upstream(key)
@@ -1045,7 +1057,7 @@ def _with_propagation(
     out = [(k, v) for k, v in headers if k not in names]
     out.extend(propagated)
     forwarded = next((v for k, v in headers if k == "x-forwarded-for"), None)
-    client = down.client[0]
+    client = down.client_ip
     out.append(("x-forwarded-for", f"{forwarded}, {client}" if forwarded else client))
     return out
 
@@ -1055,12 +1067,3 @@ def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
         return ipaddress.ip_address(text)
     except ValueError:
         return None
-
-
-def _forwarded_for(request: InboundRequest) -> tuple[str, int] | None:
-    for part in (request.header("forwarded") or "").split(";"):
-        key, _, item = part.strip().partition("=")
-        if key.lower() == "for":
-            with contextlib.suppress(ValueError):
-                return parse_authority(item.strip('"'))
-    return None
