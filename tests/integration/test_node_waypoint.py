@@ -37,6 +37,7 @@ from tests.integration.nodelab import (
     ECHO_UID,
     ECHO_VIP,
     NODE_A,
+    PLAIN_ID,
     PLAIN_IP,
     SLEEP_ID,
     SLEEP_IP,
@@ -375,20 +376,22 @@ def test_local_waypoint_address_is_left_to_the_waypoint(w: WaypointLab) -> None:
 # --------------------------------------------------------------------------- inbound
 
 
-def waypoint_tunnel(w: WaypointLab) -> Tunnel:
+def waypoint_tunnel(w: WaypointLab, source_ip: str = WAYPOINT_IP) -> Tunnel:
+    """A tunnel to echo that names sleep as the client, sent from `source_ip` (the waypoint
+    pod's address unless a test plays another peer)."""
     return Tunnel(
         via=(ECHO_IP, nodelab.INBOUND_PORT),
         target=(ECHO_IP, APP_PORT),
         expected_identities=frozenset({Identity.parse(ECHO_ID)}),
         source=(SLEEP_IP, 40000),
+        source_ip=source_ip,
         host=ECHO_SERVICE,
     )
 
 
-@pytest.fixture
-def waypoint_client(wlab_module: WaypointLab) -> Iterator[HboneClient]:
-    w = wlab_module
-    client = HboneClient(TlsConfig(w.ca.issue(Identity.parse(WAYPOINT_ID))))
+@contextlib.contextmanager
+def client_as(w: WaypointLab, identity: str) -> Iterator[HboneClient]:
+    client = HboneClient(TlsConfig(w.ca.issue(Identity.parse(identity))))
     try:
         yield client
     finally:
@@ -399,10 +402,37 @@ def waypoint_client(wlab_module: WaypointLab) -> Iterator[HboneClient]:
         w.loop.run(close())
 
 
+@pytest.fixture
+def waypoint_client(wlab_module: WaypointLab) -> Iterator[HboneClient]:
+    with client_as(wlab_module, WAYPOINT_ID) as client:
+        yield client
+
+
+@pytest.fixture
+def plain_client(wlab_module: WaypointLab) -> Iterator[HboneClient]:
+    """A mesh peer that is not echo's waypoint: the `plain` workload's identity."""
+    with client_as(wlab_module, PLAIN_ID) as client:
+        yield client
+
+
+def allow_sleep_ip_config() -> dict[str, Any]:
+    """Echo behind the waypoint, and an ALLOW policy on echo naming sleep's address only."""
+    policy = {
+        "name": "allow-sleep-ip",
+        "namespace": "prod",
+        "scope": "WorkloadSelector",
+        "action": "Allow",
+        "dryRun": False,
+        "rules": [[[{"sourceIps": [f"{SLEEP_IP}/32"]}]]],
+    }
+    return nodelab.with_policy(waypoint_config(), policy, listed_by=[ECHO_UID])
+
+
 def test_inbound_from_the_waypoint_reaches_the_workload(
     w: WaypointLab, waypoint_client: HboneClient
 ) -> None:
     lab = w.lab
+    lab.apply(waypoint_config())
     echo_count = lab.apps.count((ECHO_IP, APP_PORT))
     log_b = lab.b.log_offset()
 
@@ -432,3 +462,44 @@ def test_inbound_from_the_waypoint_is_denied_by_policy(
     assert lab.apps.count((ECHO_IP, APP_PORT)) == echo_count
     # Sleep itself is still allowed: the policy names the waypoint only.
     exchange(lab, (ECHO_IP, APP_PORT))
+
+
+def test_forwarded_is_trusted_from_the_destinations_waypoint(
+    w: WaypointLab, waypoint_client: HboneClient
+) -> None:
+    """The waypoint speaks for the original client: an ALLOW on sleep's IP lets it through."""
+    lab = w.lab
+    lab.apply(allow_sleep_ip_config())
+    log_b = lab.b.log_offset()
+
+    sock = tunnel_from_waypoint(w.loop, waypoint_client, waypoint_tunnel(w))
+    with contextlib.closing(sock):
+        assert nodelab.echo_exchange(sock, b"ping") == b"ping"
+
+    line = lab.b.wait_log("connection complete", "inbound", WAYPOINT_ID, since=log_b)
+    assert f"src.addr={SLEEP_IP}" in line
+
+
+def test_forwarded_from_another_peer_does_not_change_the_source(
+    w: WaypointLab, plain_client: HboneClient
+) -> None:
+    """A mesh peer that is not the destination's waypoint cannot claim sleep's address to pass
+    an ALLOW on source IPs: policy and the access log see its own address."""
+    lab = w.lab
+    lab.apply(allow_sleep_ip_config())
+    echo_count = lab.apps.count((ECHO_IP, APP_PORT))
+    log_b = lab.b.log_offset()
+
+    with pytest.raises(TunnelRefused) as refused:
+        tunnel_from_waypoint(w.loop, plain_client, waypoint_tunnel(w, PLAIN_IP)).close()
+
+    assert refused.value.code == 401
+    assert lab.apps.count((ECHO_IP, APP_PORT)) == echo_count
+    line = lab.b.wait_log("inbound", PLAIN_ID, since=log_b)
+    assert f"src.addr={PLAIN_IP}" in line
+    assert "src.workload=plain" in line
+    assert "src.workload=sleep" not in line
+
+    # The waypoint's identity from an address that is not the waypoint's is not trusted either.
+    with client_as(w, WAYPOINT_ID) as client, pytest.raises(TunnelRefused):
+        tunnel_from_waypoint(w.loop, client, waypoint_tunnel(w, "127.0.50.7")).close()

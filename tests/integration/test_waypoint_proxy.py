@@ -47,6 +47,7 @@ HOST = f"web.{NS}.svc.cluster.local"
 VIP = "127.0.91.100"
 WAYPOINT_IP = "127.0.91.1"
 CLIENT_ID = Identity("cluster.local", NS, "sleep")
+CLIENT_IP = "127.0.91.50"
 WAYPOINT_ID = Identity("cluster.local", NS, "waypoint")
 ENDPOINTS = {
     "web-v1-a": ("127.0.91.11", "v1"),
@@ -217,6 +218,18 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
             servers.append(await asyncio.start_server(on_client, backend.ip, 8080))
         state = ProxyState("node-b")
         workloads = tuple(_workload(n, ip, v) for n, (ip, v) in ENDPOINTS.items())
+        # The client the tunnels name in `forwarded` (its agent sends with its identity).
+        workloads += (
+            Workload(
+                uid=f"Kubernetes//Pod/{NS}/sleep",
+                name="sleep",
+                namespace=NS,
+                addresses=(ipaddress.ip_address(CLIENT_IP),),
+                tunnel_protocol=TunnelProtocol.HBONE,
+                service_account=CLIENT_ID.service_account,
+                node="node-a",
+            ),
+        )
         state.replace(ConfigSnapshot(workloads=workloads, services=(_service(),)))
         waypoint_tls = TlsConfig(ca.issue(WAYPOINT_ID))
         client_holder: list[HboneClient] = []
@@ -247,7 +260,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
                     via=(WAYPOINT_IP, 15008),
                     target=(VIP, self.port),
                     expected_identities=frozenset({WAYPOINT_ID}),
-                    source=("127.0.91.50", 40000),
+                    source=(CLIENT_IP, 40000),
                 )
                 tunnels.add(loop.create_task(sleep.open(leg, tunnel)))
 
@@ -333,7 +346,7 @@ def test_no_config_goes_to_the_service(lab: Lab) -> None:
     assert set(answers) == set(ENDPOINTS)
     seen = lab.backends[answers[0]].seen[0]
     assert seen["authority"] == HOST
-    assert seen["headers"]["x-forwarded-for"] == "127.0.91.50"
+    assert seen["headers"]["x-forwarded-for"] == CLIENT_IP
     assert "x-request-id" in seen["headers"] and "traceparent" in seen["headers"]
 
 

@@ -273,6 +273,29 @@ class ProxyState:
         name or address is unknown."""
         return self._index.gateway_workloads(gateway)
 
+    def is_own_waypoint(self, workload: Workload, identity: Identity, ip: IPAddress) -> bool:
+        """Whether a peer, by its certificate's identity and its connection's address, is an
+        instance of a waypoint serving `workload`: the workload's own, or that of one of its
+        services (ztunnel `inbound.rs`, `check_from_waypoint`). Only such a peer is trusted for
+        the client address it names in `forwarded: for=`."""
+        gateways = [workload.waypoint] if workload.waypoint is not None else []
+        for key in workload.services:
+            service = self._index.by_key.get(key)
+            if service is not None and service.waypoint is not None:
+                gateways.append(service.waypoint)
+        return any(
+            instance.identity == identity and ip in instance.addresses
+            for gateway in gateways
+            for instance in self.waypoint_instances(gateway)
+        )
+
+    def speaks_for(self, identity: Identity, network: str, ip: IPAddress) -> bool:
+        """Whether `ip` is the address of a workload whose identity is `identity`: a node
+        agent sends with the identity of the workload it carries, so it may name that
+        workload's address as the client (`forwarded: for=`), and no other."""
+        workload = self.workload_by_address(network, ip)
+        return workload is not None and workload.identity == identity
+
     def is_waypoint(self, workload: Workload) -> bool:
         """Whether `workload` is an instance of a waypoint some workload or service uses:
         it takes HBONE on its own address and is never captured or listened for."""

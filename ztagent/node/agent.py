@@ -35,6 +35,7 @@ from ztagent.model.store import ProxyState, StateChange
 from ztagent.model.watch import ConfigWatcher
 from ztagent.model.workload import Service, TunnelProtocol, Workload
 from ztagent.node.dump import CertificateStatus, config_dump
+from ztagent.node.inbound import client_address
 from ztagent.node.routing import RoundRobin, Route, RouteKind, route_outbound
 from ztagent.node.settings import WORKLOADS, NodeSettings
 from ztagent.node.xds import CaClient, ControlPlaneConnection, XdsClient, node_identity
@@ -467,7 +468,7 @@ class NodeAgent:
         workload = self.state.local_workload_by_ip(_ip(ip))
         if workload is None:
             return Deny(503, f"no local workload with address {ip}")
-        source_ip = request.forwarded_client_ip() or request.peer_address[0]
+        source_ip = client_address(self.state, workload, request)
         attributes = ConnectionAttributes(request.peer_identity, _ip(source_ip), _ip(ip), port)
         source = self.state.workload_by_address(workload.network, _ip(source_ip))
         verdict = self._authorize(workload, attributes)

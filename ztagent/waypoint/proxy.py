@@ -108,7 +108,8 @@ class Downstream:
 
     peer_identity: Identity
     client_ip: str
-    """The original client's IP (the CONNECT's `forwarded: for=`, else the peer's)."""
+    """The original client's IP: the CONNECT's `forwarded: for=` when it is an address of a
+    workload with the peer's identity, else the peer's own address."""
     target: tuple[str, int]
     """The CONNECT `:authority`: service VIP:port or workload IP:port."""
     service: Service | None
@@ -259,7 +260,14 @@ class Waypoint:
             workload = self.state.workload_by_address("", ip)
             if workload is None:
                 return Deny(404, f"no service or workload at {request.authority}")
-        client_ip = request.forwarded_client_ip() or request.peer_address[0]
+        # The sending agent carries one workload with that workload's identity: the client
+        # address it names counts only if it is an address of a workload with that identity.
+        client_ip = request.peer_address[0]
+        forwarded = request.forwarded_client_ip()
+        if forwarded is not None and self.state.speaks_for(
+            request.peer_identity, "", ipaddress.ip_address(forwarded)
+        ):
+            client_ip = forwarded
         source = self.state.workload_by_address("", ipaddress.ip_address(client_ip))
         downstream = Downstream(
             request.peer_identity, client_ip, request.target, service, workload, source
