@@ -4,11 +4,14 @@
 //   1. a packet that belongs to an existing socket of this netns (established, request or
 //      time-wait, not a listener) is assigned to it and marked; captured flows need this
 //      because their destination address is not local;
-//   2. a SYN arriving on an enrolled pod's veth goes to the outbound listener (the agent
-//      carries it with the pod's identity, also to pods on this node); else a SYN to an
-//      enrolled pod's IP goes to the HBONE listener (port 15008) or the plaintext inbound
-//      listener (other ports). The chosen listener is assigned and the packet marked; with no
-//      listener the SYN is dropped (fail closed);
+//   2. any other packet arriving on an enrolled pod's veth goes to the outbound listener (the
+//      agent carries it with the pod's identity, also to pods on this node); else any other
+//      packet to an enrolled pod's IP goes to the HBONE listener (port 15008) or the plaintext
+//      inbound listener (other ports). A SYN opens a flow there; a SYN-cookie ACK completes
+//      one (the kernel checks the cookie on the listener); anything else gets a reset. The
+//      chosen listener is assigned and the packet marked; with no listener the packet is
+//      dropped (fail closed). IP fragments of these flows are dropped: only the first would
+//      carry a TCP header to look up;
 //   3. everything else passes untouched: TC_ACT_UNSPEC, so filters after ours still run.
 //
 // The mark routes assigned packets to the local stack (ip rule fwmark -> local 0.0.0.0/0 dev
@@ -91,8 +94,16 @@ int zt_redirect(struct __sk_buff *skb)
     ip = (void *)(eth + 1);
     if ((void *)(ip + 1) > data_end || ip->protocol != IPPROTO_TCP)
         return ZT_PASS;
-    if (ip->frag_off & bpf_htons(0x1fff))
-        return ZT_PASS; /* not a first fragment: no TCP header here */
+    u32 daddr = ip->daddr;
+    u32 ifindex = skb->ingress_ifindex;
+    int from_pod = outbound_ifaces.lookup(&ifindex) != NULL;
+    int to_pod = !from_pod && inbound_pods.lookup(&daddr) != NULL;
+
+    if (ip->frag_off & bpf_htons(0x3fff))
+        /* A fragment: no socket can be looked up for the pieces after the first, so those of a
+         * captured flow would be routed as plain IP. Captured flows are never fragmented
+         * (TCP segments fit the path MTU); drop them rather than let a piece through. */
+        return (from_pod || to_pod) ? TC_ACT_SHOT : ZT_PASS;
     ihl = ip->ihl * 4;
     if (ihl < sizeof(*ip))
         return ZT_PASS;
@@ -121,17 +132,15 @@ int zt_redirect(struct __sk_buff *skb)
         bpf_sk_release(sk);
     }
 
-    /* 2. new flows: SYN without ACK */
-    if (!tcp->syn || tcp->ack)
-        return ZT_PASS;
-
-    u32 daddr = ip->daddr;
-    u32 ifindex = skb->ingress_ifindex;
-    if (outbound_ifaces.lookup(&ifindex)) {
+    /* 2. a captured flow without a socket: its listener. A SYN opens a new flow there; any
+     * other packet is the listener's to judge: the ACK of a SYN cookie (the SYN queue
+     * overflowed, so no request socket exists) completes the handshake, and anything else is
+     * answered with a reset. No packet of a captured flow is ever routed as plain IP. */
+    if (from_pod) {
         /* From an enrolled pod: the agent carries it out (with the pod's identity), even
          * to an enrolled pod on this node, whose inbound policy the agent then applies. */
         port = ZT_OUTBOUND_PORT;
-    } else if (inbound_pods.lookup(&daddr)) {
+    } else if (to_pod) {
         port = tcp->dest == bpf_htons(ZT_HBONE_PORT) ? ZT_INBOUND_PORT : ZT_PLAINTEXT_PORT;
     } else {
         return ZT_PASS;

@@ -386,6 +386,23 @@ def test_socks5_source_must_be_a_local_workload(lab: Lab, source: str) -> None:
     assert lab.apps.count() == accepted
 
 
+def test_listeners_keep_the_backlog_they_ask_for(lab: Lab) -> None:
+    """create_server() must not listen again with its default of 100: a burst of new
+    connections would overflow the accept queue into SYN cookies and resets."""
+    import subprocess
+
+    out = subprocess.run(
+        ["ss", "-Hltn", f"( sport = :{nodelab.SOCKS5_PORT} or sport = :15006 )"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    backlogs = {line.split()[3]: int(line.split()[2]) for line in out.splitlines()}
+    assert f"{SLEEP_IP}:15006" in backlogs, out
+    assert f"{lab.a.ip}:{nodelab.SOCKS5_PORT}" in backlogs, out
+    assert set(backlogs.values()) == {1024}, out
+
+
 # --------------------------------------------------------------------------- config
 
 

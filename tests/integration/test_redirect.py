@@ -297,6 +297,44 @@ def test_capture_end_to_end(lab: Lab) -> None:
     assert reply.startswith(f"server {SERVER_PORT} "), reply
 
 
+def _tcp_in_segments(ns: str) -> int:
+    """Segments the namespace's TCP stack has received (`/proc/net/snmp`, per netns)."""
+    lines = [line.split() for line in _ns(ns, "cat", "/proc/net/snmp").stdout.splitlines()]
+    tcp = [line for line in lines if line and line[0] == "Tcp:"]
+    return int(tcp[1][tcp[0].index("InSegs")])
+
+
+def test_syn_cookie_flows_stay_captured(lab: Lab) -> None:
+    """With the listener answering in SYN cookies (its SYN queue full, forced here with
+    tcp_syncookies=2), the handshake's ACK and the data have no socket yet: they must go to the
+    listener too, not be routed as plain IP to the destination."""
+    from ztagent.redirect import Capture
+
+    capture = Capture(netns=NODE)
+    try:
+        capture.start()
+        p1h = capture.attach_pod_veth("ztt-p1h")
+        capture.attach_pod_veth("ztt-p2h")
+        if lab.agent is None:
+            lab.start_agent()
+        capture.enrol_pod(POD1_IP, p1h)
+        _ns(NODE, "sysctl", "-qw", "net.ipv4.tcp_syncookies=2")
+        before = len(lab.server_lines())
+        segments = _tcp_in_segments(POD2)
+        for _ in range(3):
+            reply = lab.connect(POD1, POD2_IP, SERVER_PORT)
+            assert reply.startswith(f"agent 15001 local={POD2_IP}:{SERVER_PORT} "), reply
+        # not one packet of pod1's captured flows reached pod2
+        assert len(lab.server_lines()) == before
+        assert _tcp_in_segments(POD2) == segments, "pod1's captured packets reached pod2"
+        # inbound to the enrolled pod, in cookies as well
+        reply = lab.connect(POD2, POD1_IP, 9999)
+        assert reply.startswith(f"agent 15006 local={POD1_IP}:9999 peer={POD2_IP}:"), reply
+    finally:
+        _ns(NODE, "sysctl", "-qw", "net.ipv4.tcp_syncookies=1", check=False)
+        capture.stop()
+
+
 def test_cleanup_removes_leftovers_of_a_crashed_agent(lab: Lab) -> None:
     from ztagent.redirect import cleanup
 

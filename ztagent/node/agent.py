@@ -63,6 +63,9 @@ from ztagent.telemetry.metrics import (
 log = logging.getLogger(__name__)
 
 HBONE_PORT = 15008
+# Accept queue of every listener, as tokio's TcpListener::bind (ztunnel's) sets it: 1024. Pass
+# it to create_server too, which listens again on a given socket (with 100 by default).
+LISTEN_BACKLOG = 1024
 PLAINTEXT_PORT = 15006
 
 # What SOCKS5 says for each way an outbound connection can fail.
@@ -212,18 +215,23 @@ class NodeAgent:
                 await loop.create_server(
                     self._plain_inbound_protocol,
                     sock=_listener(s.inbound_plaintext_addr, transparent=True),
+                    backlog=LISTEN_BACKLOG,
                 )
             )
         if isinstance(s.outbound_addr, tuple):
             self._servers.append(
                 await loop.create_server(
-                    lambda: _Captured(self), sock=_listener(s.outbound_addr, transparent=True)
+                    lambda: _Captured(self),
+                    sock=_listener(s.outbound_addr, transparent=True),
+                    backlog=LISTEN_BACKLOG,
                 )
             )
         if isinstance(s.socks5_addr, tuple):
             self._servers.append(
                 await loop.create_server(
-                    lambda: _Socks5(self), sock=_listener(s.socks5_addr, transparent=False)
+                    lambda: _Socks5(self),
+                    sock=_listener(s.socks5_addr, transparent=False),
+                    backlog=LISTEN_BACKLOG,
                 )
             )
         await self._bind_workloads()
@@ -378,7 +386,9 @@ class NodeAgent:
                     await self.hbone.listen(ip, HBONE_PORT)
                 if s.inbound_plaintext_addr == WORKLOADS:
                     self._plain_servers[ip] = await loop.create_server(
-                        self._plain_inbound_protocol, sock=_listener((ip, PLAINTEXT_PORT), False)
+                        self._plain_inbound_protocol,
+                        sock=_listener((ip, PLAINTEXT_PORT), False),
+                        backlog=LISTEN_BACKLOG,
                     )
             except (LocalError, OSError) as exc:
                 log.error("cannot listen for workload %s: %s", ip, exc)
@@ -817,7 +827,7 @@ def _listener(address: tuple[str, int], transparent: bool) -> socket.socket:
             with contextlib.suppress(PermissionError):
                 sock.setsockopt(socket.SOL_IP, socket.IP_TRANSPARENT, 1)
         sock.bind(address)
-        sock.listen(1024)
+        sock.listen(LISTEN_BACKLOG)
         sock.setblocking(False)
     except OSError as exc:
         sock.close()
