@@ -102,6 +102,14 @@ def test_a_waypoint_that_does_not_serve_the_destination_is_not_trusted() -> None
     assert client_address(proxy, echo, request) == "10.0.3.1"
 
 
+def test_a_peer_names_workloads_of_its_own_identity() -> None:
+    """sleep's agent carries sleep's connection with sleep's identity, from the node."""
+    proxy, echo = state()
+    assert (
+        client_address(proxy, echo, connect(SLEEP.identity, "10.0.0.1", "10.0.1.1")) == "10.0.1.1"
+    )
+
+
 def test_no_forwarded_header_is_the_peer() -> None:
     proxy, echo = state(service_waypoint=True)
     assert client_address(proxy, echo, connect(WAYPOINT.identity, "10.0.3.1", None)) == "10.0.3.1"
