@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import ipaddress
 import logging
 import signal
@@ -21,7 +20,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from ztagent.errors import LocalError, ZtagentError
-from ztagent.hbone.client import HboneClient, Tunnel, TunnelRefused
+from ztagent.hbone.client import HboneClient, TunnelRefused
 from ztagent.hbone.connection import TcpLeg
 from ztagent.hbone.frames import format_authority
 from ztagent.hbone.server import Allow, Deny, HboneServer, InboundRequest
@@ -33,10 +32,12 @@ from ztagent.identity.spiffe import Identity
 from ztagent.model.localconfig import ConfigSnapshot
 from ztagent.model.store import ProxyState, StateChange
 from ztagent.model.watch import ConfigWatcher
-from ztagent.model.workload import Service, TunnelProtocol, Workload
+from ztagent.model.workload import TunnelProtocol, Workload
+from ztagent.node import inbound, outbound
 from ztagent.node.dump import CertificateStatus, config_dump
-from ztagent.node.inbound import client_address
-from ztagent.node.routing import RoundRobin, Route, RouteKind, route_outbound
+from ztagent.node.inbound import PLAINTEXT_PORT, InboundRefused
+from ztagent.node.outbound import OpenTunnel, OutboundRefused, Relay
+from ztagent.node.routing import RoundRobin
 from ztagent.node.settings import WORKLOADS, NodeSettings
 from ztagent.node.xds import CaClient, ControlPlaneConnection, XdsClient, node_identity
 from ztagent.proxy.relay import PlainRelay
@@ -56,8 +57,6 @@ from ztagent.telemetry.metrics import (
     ConnectionLabels,
     Metrics,
     ResponseFlags,
-    SecurityPolicy,
-    peer_labels,
 )
 
 log = logging.getLogger(__name__)
@@ -66,7 +65,6 @@ HBONE_PORT = 15008
 # Accept queue of every listener, as tokio's TcpListener::bind (ztunnel's) sets it: 1024. Pass
 # it to create_server too, which listens again on a given socket (with 100 by default).
 LISTEN_BACKLOG = 1024
-PLAINTEXT_PORT = 15006
 
 # What SOCKS5 says for each way an outbound connection can fail.
 _SOCKS_FOR_STATUS = {401: Reply.NOT_ALLOWED, 400: Reply.NOT_ALLOWED, 503: Reply.CONNECTION_REFUSED}
@@ -430,32 +428,7 @@ class NodeAgent:
             client = self._clients[identity] = HboneClient(tls, mark=self._mark)
         return client
 
-    # ------------------------------------------------------------------ labels
-
-    def _labels(
-        self,
-        reporter: str,
-        source: Workload | None,
-        source_identity: Identity | None,
-        destination: Workload | None,
-        service: Service | None,
-        mtls: bool,
-        flags: str = ResponseFlags.NONE,
-    ) -> ConnectionLabels:
-        cluster = self.settings.cluster_id
-
-        values: dict[str, str] = {"reporter": reporter, "response_flags": flags}
-        values.update(peer_labels("source", source, source_identity, cluster))
-        dest_identity = destination.identity if destination is not None else None
-        values.update(peer_labels("destination", destination, dest_identity, cluster))
-        if service is not None:
-            values["destination_service"] = service.hostname
-            values["destination_service_name"] = service.name
-            values["destination_service_namespace"] = service.namespace
-        values["connection_security_policy"] = (
-            SecurityPolicy.MUTUAL_TLS if mtls else SecurityPolicy.UNKNOWN
-        )
-        return ConnectionLabels(**values)
+    # ------------------------------------------------------------------ reports
 
     def _refused(self, labels: ConnectionLabels, record: ConnectionRecord) -> None:
         self.metrics.opened(labels)
@@ -463,50 +436,21 @@ class NodeAgent:
         self.metrics.closed(labels)
         self.access_log.record(record)
 
+    def _report_refusal(self, refused: InboundRefused | OutboundRefused) -> None:
+        _log_dry_run(refused.verdict, refused.record)
+        if refused.labels is not None and refused.record is not None:
+            self._refused(refused.labels, refused.record)
+
     # ---------------------------------------------------------------- inbound
 
-    def _authorize(self, workload: Workload, attributes: ConnectionAttributes) -> Verdict:
-        verdict = evaluate(attributes, self.state.policies_for(workload))
-        for name in verdict.dry_run_matches:
-            log.info("dry-run policy %s matched %s", name, attributes)
-        return verdict
-
     def _decide_inbound(self, request: InboundRequest) -> Allow | Deny:
-        ip, port = request.target
-        if ip != request.local_address[0]:
-            return Deny(400, f"authority {request.authority} is not this connection's destination")
-        workload = self.state.local_workload_by_ip(_ip(ip))
-        if workload is None:
-            return Deny(503, f"no local workload with address {ip}")
-        source_ip = client_address(self.state, workload, request)
-        attributes = ConnectionAttributes(request.peer_identity, _ip(source_ip), _ip(ip), port)
-        source = self.state.workload_by_address(workload.network, _ip(source_ip))
-        verdict = self._authorize(workload, attributes)
-        record = ConnectionRecord(
-            src_addr=source_ip,
-            dst_addr=format_authority(ip, port),
-            direction="inbound",
-            src_workload=source.name if source else None,
-            src_namespace=source.namespace if source else None,
-            src_identity=str(request.peer_identity),
-            dst_hbone_addr=format_authority(*request.local_address),
-            dst_workload=workload.name,
-            dst_namespace=workload.namespace,
-            dst_identity=str(workload.identity),
-        )
-        if not verdict.allowed:
-            labels = self._labels(
-                "destination",
-                source,
-                request.peer_identity,
-                workload,
-                None,
-                True,
-                ResponseFlags.DENY,
-            )
-            self._refused(labels, _with_error(record, f"RBAC: {verdict.reason}"))
-            return Deny(401, verdict.reason)
-        labels = self._labels("destination", source, request.peer_identity, workload, None, True)
+        decision = inbound.decide_hbone(self.state, request, self.settings.cluster_id)
+        if isinstance(decision, InboundRefused):
+            self._report_refusal(decision)
+            return Deny(decision.status, decision.reason)
+        _log_dry_run(decision.verdict, decision.record)
+        labels, record = decision.labels, decision.record
+        attributes, workload = decision.attributes, decision.workload
 
         def on_leg(leg: TcpLeg) -> None:
             started = time.monotonic()
@@ -525,11 +469,14 @@ class NodeAgent:
                 if error and error.startswith("upstream connect failed"):
                     self.metrics.failed(labels.with_response_flags(ResponseFlags.CONNECT))
                 self.metrics.closed(labels)
-                self.access_log.record(_finish(record, leg.bytes_in, leg.bytes_out, started, error))
+                duration = time.monotonic() - started
+                self.access_log.record(
+                    record.finished(leg.bytes_in, leg.bytes_out, duration, error)
+                )
 
             leg.on_done = done
 
-        return Allow((ip, port), mark=self._mark, on_leg=on_leg)
+        return Allow(decision.address, mark=self._mark, on_leg=on_leg)
 
     def _plain_inbound_protocol(self) -> asyncio.Protocol:
         return _PlainInbound(self)
@@ -541,47 +488,19 @@ class NodeAgent:
         local: tuple[str, int],
         early: list[bytes],
     ) -> None:
-        ip, port = local
-        workload = self.state.local_workload_by_ip(_ip(ip))
-        if workload is None:
+        decision = inbound.decide_plaintext(self.state, peer, local, self.settings.cluster_id)
+        if isinstance(decision, InboundRefused):
+            self._report_refusal(decision)
             transport.abort()
             return
-        if port == PLAINTEXT_PORT:
-            # Not captured (a listener bound on the workload IP): no original destination
-            # port, so use the workload's first service target port.
-            targets = [t for ports in workload.services.values() for t in ports.values() if t]
-            if not targets:
-                transport.abort()
-                return
-            port = targets[0]
-        attributes = ConnectionAttributes(None, _ip(peer[0]), _ip(ip), port)
-        source = self.state.workload_by_address(workload.network, _ip(peer[0]))
-        record = ConnectionRecord(
-            src_addr=format_authority(*peer),
-            dst_addr=format_authority(ip, port),
-            direction="inbound",
-            src_workload=source.name if source else None,
-            src_namespace=source.namespace if source else None,
-            dst_workload=workload.name,
-            dst_namespace=workload.namespace,
-            dst_identity=str(workload.identity),
-        )
-        verdict = self._authorize(workload, attributes)
-        if not verdict.allowed:
-            labels = self._labels(
-                "destination", source, None, workload, None, False, ResponseFlags.DENY
-            )
-            self._refused(labels, _with_error(record, f"RBAC: {verdict.reason}"))
-            transport.abort()
-            return
-        labels = self._labels("destination", source, None, workload, None, False)
+        _log_dry_run(decision.verdict, decision.record)
         await self._relay_plain(
             transport,
-            (ip, port),
-            labels,
-            record,
-            inbound=attributes,
-            workload=workload,
+            decision.address,
+            decision.labels,
+            decision.record,
+            inbound=decision.attributes,
+            workload=decision.workload,
             early=early,
         )
 
@@ -605,9 +524,9 @@ class NodeAgent:
             self.metrics.received(labels, relay.bytes_from_client)
             self.metrics.sent(labels, relay.bytes_to_client)
             self.metrics.closed(labels)
-            self.access_log.record(
-                _finish(record, relay.bytes_from_client, relay.bytes_to_client, started, error)
-            )
+            sent, received = relay.bytes_from_client, relay.bytes_to_client
+            duration = time.monotonic() - started
+            self.access_log.record(record.finished(sent, received, duration, error))
 
         relay = PlainRelay(done)
         self.metrics.opened(labels)
@@ -625,7 +544,7 @@ class NodeAgent:
             self._inbound.pop(key, None)
             self.metrics.failed(labels.with_response_flags(ResponseFlags.CONNECT))
             self.metrics.closed(labels)
-            self.access_log.record(_with_error(record, f"connect failed: {exc}"))
+            self.access_log.record(record.failed(f"connect failed: {exc}"))
             if reply is not None:
                 transport.write(reply(Reply.CONNECTION_REFUSED, None))
                 transport.close()
@@ -658,26 +577,37 @@ class NodeAgent:
     ) -> None:
         """One outbound connection (captured, or asked for through SOCKS5). `early` holds the
         client's bytes read so far; it may grow until the connection is handed over."""
-
-        def refuse(code: int, why: str) -> None:
-            log.info("outbound %s -> %s refused: %s", client, destination, why)
+        decision = outbound.decide(
+            self.state,
+            client,
+            destination,
+            pick=self._pick,
+            cluster=self.settings.cluster_id,
+            deny_unknown=self.settings.deny_unknown,
+        )
+        if isinstance(decision, OutboundRefused):
+            log.info("outbound %s -> %s refused: %s", client, destination, decision.reason)
+            self._report_refusal(decision)
             if reply is not None:
-                transport.write(reply(code, None))
+                transport.write(reply(Reply.NOT_ALLOWED, None))
                 transport.close()
             else:
                 transport.abort()
-
-        source = self.state.local_workload_by_ip(_ip(client[0]))
-        if source is None:
-            refuse(Reply.NOT_ALLOWED, f"{client[0]} is not a local workload")
             return
-        route = route_outbound(
-            self.state,
-            source,
-            destination,
-            pick=self._pick,
-            deny_unknown=self.settings.deny_unknown,
-        )
+        if isinstance(decision, Relay):
+            _log_dry_run(decision.verdict, decision.record)
+            await self._relay_plain(
+                transport,
+                decision.address,
+                decision.labels,
+                decision.record,
+                inbound=decision.inbound,
+                workload=decision.workload,
+                early=early,
+                reply=reply,
+            )
+            return
+        route = decision.route
         if route.waypoint is not None:
             log.debug(
                 "outbound %s -> %s via waypoint %s at %s",
@@ -686,98 +616,36 @@ class NodeAgent:
                 route.waypoint.name,
                 format_authority(*route.via),
             )
-        record = ConnectionRecord(
-            src_addr=format_authority(*client),
-            dst_addr=format_authority(*route.address),
-            direction="outbound",
-            src_workload=source.name,
-            src_namespace=source.namespace,
-            src_identity=str(source.identity),
-            dst_service=route.service.hostname if route.service else None,
-            dst_workload=route.workload.name if route.workload else None,
-            dst_namespace=route.workload.namespace if route.workload else None,
-            dst_identity=str(route.workload.identity) if route.workload else None,
-        )
-        mtls = route.kind is RouteKind.HBONE
-        labels = self._labels(
-            "source", source, source.identity, route.workload, route.service, mtls
-        )
-        if route.kind is RouteKind.DENY:
-            self._refused(
-                labels.with_response_flags(ResponseFlags.DENY), _with_error(record, route.reason)
-            )
-            refuse(Reply.NOT_ALLOWED, route.reason)
-            return
-        if route.kind is RouteKind.LOCAL:
-            assert route.workload is not None
-            attributes = ConnectionAttributes(
-                source.identity, _ip(client[0]), _ip(route.address[0]), route.address[1]
-            )
-            verdict = self._authorize(route.workload, attributes)
-            if not verdict.allowed:
-                self._refused(
-                    labels.with_response_flags(ResponseFlags.DENY),
-                    _with_error(record, f"RBAC: {verdict.reason}"),
-                )
-                refuse(Reply.NOT_ALLOWED, verdict.reason)
-                return
-            await self._relay_plain(
-                transport,
-                route.address,
-                labels,
-                record,
-                inbound=attributes,
-                workload=route.workload,
-                early=early,
-                reply=reply,
-            )
-            return
-        if route.kind is RouteKind.PASSTHROUGH:
-            await self._relay_plain(
-                transport, route.address, labels, record, early=early, reply=reply
-            )
-            return
-        await self._tunnel(transport, client, source, route, labels, record, early, reply)
+        await self._tunnel(transport, decision, early, reply)
 
     async def _tunnel(
         self,
         transport: asyncio.Transport,
-        client: tuple[str, int],
-        source: Workload,
-        route: Route,
-        labels: ConnectionLabels,
-        record: ConnectionRecord,
+        decision: OpenTunnel,
         early: list[bytes],
         reply: ReplyFn | None,
     ) -> None:
         started = time.monotonic()
-        record = dataclasses.replace(record, dst_hbone_addr=format_authority(*route.via))
+        labels, record = decision.labels, decision.record
         leg = TcpLeg()
         leg.held = early
         if reply is not None:
             leg.reply = lambda status: reply(_socks_code(status), None)
         transport.set_protocol(leg)
         leg.connection_made(transport)
-        tunnel = Tunnel(
-            via=route.via,
-            target=route.address,
-            expected_identities=route.expected_identities(),
-            source=client,
-            host=route.service.hostname if route.service else None,
-            baggage=_baggage(source, self.settings.cluster_id),
-        )
         self.metrics.opened(labels)
 
         def done(leg: TcpLeg, error: str | None) -> None:
             self.metrics.sent(labels, leg.bytes_in)
             self.metrics.received(labels, leg.bytes_out)
             self.metrics.closed(labels)
-            self.access_log.record(_finish(record, leg.bytes_in, leg.bytes_out, started, error))
+            duration = time.monotonic() - started
+            self.access_log.record(record.finished(leg.bytes_in, leg.bytes_out, duration, error))
 
         try:
-            hbone = await self._client_for(source.identity)
+            hbone = await self._client_for(decision.source.identity)
             leg.on_done = done
-            await hbone.open(leg, tunnel)
+            await hbone.open(leg, decision.tunnel)
         except TunnelRefused as exc:
             flags = ResponseFlags.DENY if exc.code == 401 else ResponseFlags.CONNECT
             self.metrics.failed(labels.with_response_flags(flags))
@@ -811,6 +679,12 @@ class NodeAgent:
 # ---------------------------------------------------------------------- helpers
 
 
+def _log_dry_run(verdict: Verdict | None, record: ConnectionRecord | None) -> None:
+    for name in verdict.dry_run_matches if verdict is not None else ():
+        where = f"{record.src_addr} -> {record.dst_addr}" if record is not None else ""
+        log.info("dry-run policy %s matched %s", name, where)
+
+
 def _socks_code(status: int) -> int:
     """The SOCKS5 reply for an HBONE CONNECT status."""
     if status == 200:
@@ -833,37 +707,6 @@ def _listener(address: tuple[str, int], transparent: bool) -> socket.socket:
         sock.close()
         raise LocalError(f"cannot listen on {format_authority(*address)}: {exc.strerror}") from None
     return sock
-
-
-def _baggage(workload: Workload, cluster: str) -> dict[str, str]:
-    kind = (workload.workload_type or "deployment").lower()
-    return {
-        "k8s.cluster.name": workload.cluster_id or cluster,
-        "k8s.namespace.name": workload.namespace,
-        f"k8s.{kind}.name": workload.workload_name or workload.name,
-        "service.name": workload.canonical_name or workload.name,
-        "service.version": workload.canonical_revision or "latest",
-    }
-
-
-def _with_error(record: ConnectionRecord, error: str) -> ConnectionRecord:
-    return dataclasses.replace(record, error=error)
-
-
-def _finish(
-    record: ConnectionRecord, sent: int, received: int, started: float, error: str | None
-) -> ConnectionRecord:
-    # The access log counts from the local workload's side: outbound sends what the client
-    # wrote; inbound, the local workload (the server) sends what its app wrote back.
-    if record.direction == "inbound":
-        sent, received = received, sent
-    return dataclasses.replace(
-        record,
-        bytes_sent=sent,
-        bytes_recv=received,
-        duration=time.monotonic() - started,
-        error=error,
-    )
 
 
 class _Holding(asyncio.Protocol):

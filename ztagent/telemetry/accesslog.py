@@ -12,6 +12,7 @@ Nothing here opens sockets or files other than the stream it is given.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -67,6 +68,26 @@ class ConnectionRecord:
     bytes_recv: int = 0
     duration: float = 0.0
     error: str | None = None
+
+    def with_hbone_address(self, address: str) -> ConnectionRecord:
+        return dataclasses.replace(self, dst_hbone_addr=address)
+
+    def failed(self, error: str) -> ConnectionRecord:
+        """This record for a connection that ended with `error`."""
+        return dataclasses.replace(self, error=error)
+
+    def finished(
+        self, sent: int, received: int, duration: float, error: str | None
+    ) -> ConnectionRecord:
+        """This record for a finished connection; `sent`/`received` are from the client's
+        side of the agent. The log counts from the local workload's side: outbound it sent
+        what the client wrote; inbound the local workload (the server) sent what its app
+        wrote back."""
+        if self.direction == "inbound":
+            sent, received = received, sent
+        return dataclasses.replace(
+            self, bytes_sent=sent, bytes_recv=received, duration=duration, error=error
+        )
 
     def fields(self) -> dict[str, FieldValue]:
         """The log fields, in ztunnel's order and spelling; `duration` as e.g. "12ms"."""

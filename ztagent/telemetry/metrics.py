@@ -27,7 +27,7 @@ from prometheus_client.metrics_core import CounterMetricFamily, Metric
 from ztagent import __version__
 from ztagent.errors import LocalError
 from ztagent.identity.spiffe import Identity
-from ztagent.model.workload import Workload
+from ztagent.model.workload import Service, Workload
 
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 UNKNOWN = "unknown"
@@ -149,6 +149,32 @@ def peer_labels(
     """One side's labels (`side` is "source" or "destination"), as Istio derives them from a
     workload: name, namespace, principal, app/canonical service, version/revision, cluster."""
     return {f"{side}_{k}": v for k, v in _peer_labels(workload, identity, cluster).items()}
+
+
+def connection_labels(
+    reporter: str,
+    source: Workload | None,
+    source_identity: Identity | None,
+    destination: Workload | None,
+    service: Service | None,
+    mtls: bool,
+    cluster: str,
+    flags: str = ResponseFlags.NONE,
+) -> ConnectionLabels:
+    """The labels of one connection as a node agent reports it: both sides' workload labels,
+    the service it was addressed to, and whether mTLS carried it."""
+    values: dict[str, str] = {"reporter": reporter, "response_flags": flags}
+    values.update(peer_labels("source", source, source_identity, cluster))
+    dest_identity = destination.identity if destination is not None else None
+    values.update(peer_labels("destination", destination, dest_identity, cluster))
+    if service is not None:
+        values["destination_service"] = service.hostname
+        values["destination_service_name"] = service.name
+        values["destination_service_namespace"] = service.namespace
+    values["connection_security_policy"] = (
+        SecurityPolicy.MUTUAL_TLS if mtls else SecurityPolicy.UNKNOWN
+    )
+    return ConnectionLabels(**values)
 
 
 def _peer_labels(
