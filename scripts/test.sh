@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up, then run every check: lint, format, type check, tests (unit and integration).
+# Set up, then run every check: lint, format, type check, layering, tests (unit and integration).
 # Extra arguments go to pytest, e.g. scripts/test.sh -m 'not integration' -x
 set -uo pipefail
 
@@ -26,6 +26,7 @@ run() {
 run "ruff check" "$VENV_BIN/ruff" check .
 run "ruff format --check" "$VENV_BIN/ruff" format --check .
 run "mypy" "$VENV_BIN/mypy"
+run "lint-imports" "$VENV_BIN/lint-imports"  # the layering contracts in pyproject.toml
 run "pytest" "$VENV_BIN/python" -m pytest -q -rs "$@"  # -rs: every skip says why
 
 if [[ ${#failed[@]} -ne 0 ]]; then

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import pytest
 
-from ztagent.lab import apps, command, demo, netns, state, waypoint_demo
-from ztagent.lab.command import read_resources, write_resources
+from ztagent.lab import apps, demo, netns, probes, processes, state, waypoint_demo
+from ztagent.lab.configdir import read_resources, write_resources
 from ztagent.lab.topology import APP_PORT, Node, Plan, Pod, Settings, make_plan
 
 PREFIX = "ztlt-"
@@ -455,11 +455,11 @@ def test_agent_killed_then_restarted(lab_dir: Path) -> None:
         assert listener.peers == [], "connections reached b-echo while node-b had no agent"
 
         records = {p.name: p for p in st.processes}
-        env = {k: v for k, v in os.environ.items() if k not in command.AGENT_ENV_DROPPED}
-        records[node_b.name] = command.start_process(
-            plan, st, node_b.name, node_b.netns, command.agent_command(plan, node_b, True), env
+        env = {k: v for k, v in os.environ.items() if k not in processes.AGENT_ENV_DROPPED}
+        records[node_b.name] = processes.start_process(
+            plan, st, node_b.name, node_b.netns, processes.agent_command(plan, node_b, True), env
         )
-        command.wait_agents(plan, records)
+        processes.wait_agents(plan, records)
 
         flows = wait_until(lambda: dial(sleep.netns, target) == b"pong:ping", 20.0)
         assert flows, "no answer 20s after node-b's agent restarted\n" + node_logs(plan)
@@ -632,7 +632,7 @@ def test_control_plane_policy_edits_outage_and_bad_files(lab_dir: Path) -> None:
     errors: list[str] = []
 
     def reported() -> bool:
-        errors[:] = command.control_dump(plan).get("errors") or []
+        errors[:] = probes.control_dump(plan).get("errors") or []
         return any("AuthorizationPolicy demo/bad" in e for e in errors) and any(
             "broken.yaml#1" in e for e in errors
         )
@@ -651,13 +651,13 @@ def test_control_plane_policy_edits_outage_and_bad_files(lab_dir: Path) -> None:
     for i in range(3):
         assert peer_seen(sleep, b_echo, f"/no-control-{i}") == node_b.ip, node_logs(plan)
         time.sleep(0.5)
-    assert command.readiness(plan, node_b) == "ready"
+    assert probes.readiness(plan, node_b) == "ready"
 
     # A policy written while it is down applies once it is back: the agents resync.
     write_resources(policy, [demo.policy_document(sleep, b_echo)])
     st = state.load(plan.state_path)
     assert st is not None
-    command.wait_control(plan, command.start_control(plan, st))
+    processes.wait_control(plan, processes.start_control(plan, st))
     assert wait_until(lambda: refused(sleep, b_echo, "/resynced"), 20.0, 0.1), node_logs(plan)
     policy.unlink()
     assert wait_until(lambda: not refused(sleep, b_echo, "/allowed-again"), 5.0, 0.1)

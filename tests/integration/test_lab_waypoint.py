@@ -32,7 +32,7 @@ from tests.integration.test_lab import (
     ours,
     settings,
 )
-from ztagent.lab import apps, command, netns, state, waypoint_demo
+from ztagent.lab import apps, configdir, netns, probes, processes, report, state, waypoint_demo
 from ztagent.lab.topology import Plan, make_plan
 
 pytestmark = [
@@ -51,7 +51,7 @@ VENV_PYTHON = sys.executable
 def plan(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Plan]:
     if not _capture_flag():
         pytest.skip("`ztagent node` has no --capture: the waypoint checks need captured traffic")
-    if not command.waypoint_supported():
+    if not processes.waypoint_supported():
         pytest.skip("this ztagent has no `waypoint` command")
     directory = tmp_path_factory.mktemp("waypoint") / "lab"
     with exclusive():
@@ -80,14 +80,14 @@ def logs(directory: Path) -> str:
 def l7(plan: Plan) -> Iterator[tuple[waypoint_demo.Lab, Any]]:
     """The demo's L7 objects, in effect; removed at the end of the module."""
     lab_ = waypoint_demo.make_lab(plan)
-    with waypoint_demo.scenario_files(plan, lab_.signer.jwks()) as rewrite:
+    with configdir.scenario_files(plan, lab_.signer.jwks()) as rewrite:
         problem = waypoint_demo.wait_config(lab_)
         assert problem == "", problem + "\n" + logs(plan.directory)
         yield lab_, rewrite
     assert not list(plan.resources_dir.glob("l7-*.yaml"))
 
 
-def passes(result: waypoint_demo.Result, plan: Plan) -> None:
+def passes(result: report.Result, plan: Plan) -> None:
     print(f"{result.name}: {result.detail}")
     assert result.ok, result.detail + "\n" + logs(plan.directory)
 
@@ -204,7 +204,7 @@ def waypoint_pid(plan: Plan) -> int:
 def waypoint_requests(plan: Plan) -> float:
     """istio_requests_total{reporter="waypoint"}, summed."""
     pod = plan.waypoint
-    status, body = command.http_get(pod.netns, pod.metrics, "/metrics", 3.0)
+    status, body = probes.http_get(pod.netns, pod.metrics, "/metrics", 3.0)
     assert status == 200
     return sum(
         float(sample.value)

@@ -94,7 +94,7 @@ def _skip_reason() -> str | None:
     if not Path("/sys/kernel/btf/vmlinux").is_file():
         return "the kernel has no BTF (/sys/kernel/btf/vmlinux)"
     from ztagent.redirect.bccenv import ensure_bcc_importable, kernel_build_tree
-    from ztagent.redirect.checks import CaptureError
+    from ztagent.redirect.errors import CaptureError
 
     try:
         ensure_bcc_importable()
@@ -225,7 +225,7 @@ def lab() -> Iterator[Lab]:
 
 def test_capture_end_to_end(lab: Lab) -> None:
     from ztagent.redirect import Capture
-    from ztagent.redirect.checks import FilterConflictError
+    from ztagent.redirect.errors import FilterConflictError
 
     _foreign_u32("ztt-p1h", 40000)  # a filter of someone else, after ours
     _foreign_u32("ztt-x0", 1339)  # someone else at our priority
@@ -373,7 +373,7 @@ def test_cleanup_removes_leftovers_of_a_crashed_agent(lab: Lab) -> None:
 
 def test_checks_report_missing_headers(lab: Lab, tmp_path: Path) -> None:
     from ztagent.redirect import Capture
-    from ztagent.redirect.checks import KernelHeadersError
+    from ztagent.redirect.errors import KernelHeadersError
 
     with pytest.raises(KernelHeadersError, match="linux-headers-"):
         Capture(netns=NODE, headers=str(tmp_path)).start()

@@ -21,60 +21,32 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
-import socket
-import struct
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
 from ztagent.lab import apps, netns, state, waypoint_demo
-from ztagent.lab.command import http_get, say, write_resources
+from ztagent.lab.configdir import write_resources
+from ztagent.lab.probes import http_get
+from ztagent.lab.report import Result, say
 from ztagent.lab.topology import HBONE_PORT, LabError, Plan, Pod
+from ztagent.lab.traffic import CallError, call
+from ztagent.lab.underlay import (
+    CAPTURE_MAX_SECONDS,
+    Capture,
+    capture_underlay,
+    reassemble,
+    tls_walk,
+)
 
-ETH_P_ALL = 0x0003
-SO_RCVBUFFORCE = 33
 TRANSFER_BYTES = 1024 * 1024
-CAPTURE_MAX_SECONDS = 30.0
-CAPTURE_MAX_BYTES = 64 * 1024 * 1024
 POLICY_NAME = "lab-deny-sleep"
 CONFIG_TIMEOUT = 10.0
 LOG_TIMEOUT = 5.0
 MARKER = b"ztlab plaintext payload"
-TLS_TYPES = frozenset({0x14, 0x15, 0x16, 0x17})
-
-
-@dataclass
-class Result:
-    name: str
-    ok: bool
-    detail: str
-
-
-class CallError(Exception):
-    pass
-
-
-def call(
-    plan: Plan, source: Pod, dest: tuple[str, int], path: str, post_bytes: int = 0
-) -> dict[str, Any]:
-    """An HTTP request from inside `source`'s namespace; the echo app's JSON answer."""
-    try:
-        status, body = netns.run_in(
-            source.netns, lambda: apps.request(dest[0], dest[1], path, post_bytes, 15.0), 30.0
-        )
-    except (OSError, http.client.HTTPException) as exc:
-        raise CallError(f"{type(exc).__name__}: {exc}") from None
-    if status != 200:
-        raise CallError(f"HTTP {status}: {body[:200]!r}")
-    try:
-        answer: dict[str, Any] = json.loads(body)
-    except ValueError:
-        raise CallError(f"not the echo app's answer: {body[:200]!r}") from None
-    return answer
 
 
 def _peer_ip(answer: dict[str, Any]) -> str:
@@ -148,110 +120,6 @@ def check_access_log(
 # --------------------------------------------------------------------------- underlay capture
 
 
-@dataclass
-class Segment:
-    seq: int
-    syn: bool
-    data: bytes
-
-
-@dataclass
-class Capture:
-    frames: int = 0
-    captured_bytes: int = 0
-    flows: dict[tuple[str, int, str, int], list[Segment]] = field(default_factory=dict)
-    errors: list[str] = field(default_factory=list)
-
-
-def _parse(frame: bytes, out: Capture) -> None:
-    """Record the TCP segment of an IPv4 frame (everything on the underlay is the lab's)."""
-    if len(frame) < 14 + 20 or frame[12:14] != b"\x08\x00":
-        return
-    ip = frame[14:]
-    ihl = (ip[0] & 0x0F) * 4
-    if ip[9] != 6 or len(ip) < ihl + 20:
-        return
-    total = struct.unpack("!H", ip[2:4])[0]
-    src = socket.inet_ntoa(ip[12:16])
-    dst = socket.inet_ntoa(ip[16:20])
-    tcp = ip[ihl:total]
-    sport, dport, seq = struct.unpack("!HHI", tcp[:8])
-    offset = (tcp[12] >> 4) * 4
-    syn = bool(tcp[13] & 0x02)
-    data = bytes(tcp[offset:])
-    out.flows.setdefault((src, sport, dst, dport), []).append(Segment(seq, syn, data))
-
-
-def capture_underlay(
-    plan: Plan, stop: threading.Event, ready: threading.Event, out: Capture
-) -> None:
-    """Read frames on node-a's underlay port until `stop` (bounded in time and bytes)."""
-    port = plan.node("node-a").underlay_port
-
-    def run() -> None:
-        sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
-        try:
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 32 * 1024 * 1024)
-            except OSError:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024 * 1024)
-            sock.bind((port, ETH_P_ALL))
-            sock.settimeout(0.2)
-            ready.set()
-            deadline = time.monotonic() + CAPTURE_MAX_SECONDS
-            while not stop.is_set() and time.monotonic() < deadline:
-                if out.captured_bytes >= CAPTURE_MAX_BYTES:
-                    out.errors.append(f"capture stopped at {CAPTURE_MAX_BYTES} bytes")
-                    break
-                try:
-                    frame = sock.recv(262144)
-                except TimeoutError:
-                    continue
-                out.frames += 1
-                out.captured_bytes += len(frame)
-                _parse(frame, out)
-        finally:
-            sock.close()
-            ready.set()
-
-    netns.run_in(plan.underlay_netns, run, CAPTURE_MAX_SECONDS + 10.0)
-
-
-def _stream(segments: list[Segment]) -> tuple[bytes, bool]:
-    """The flow's bytes in sequence order from its first segment (or its SYN), stopping at
-    the first gap; and whether the SYN was seen (so the stream starts at its beginning)."""
-    syn = next((s for s in segments if s.syn), None)
-    start = (syn.seq + 1) & 0xFFFFFFFF if syn else segments[0].seq
-    pieces = sorted(((s.seq - start) & 0xFFFFFFFF, s.data) for s in segments if s.data)
-    out = bytearray()
-    for rel, data in pieces:
-        if rel > 0x7FFFFFFF:
-            continue
-        if rel > len(out):
-            break
-        out += data[len(out) - rel :]
-    return bytes(out), syn is not None
-
-
-def _tls_walk(stream: bytes, from_start: bool) -> tuple[bool, int, str]:
-    """Whether `stream` is a chain of TLS records (resynchronising when the capture began
-    mid-stream); the number of records and the first record type."""
-    starts = [0] if from_start else range(min(len(stream), 20000))
-    for first in starts:
-        pos = first
-        count = 0
-        while pos + 5 <= len(stream):
-            kind, major, minor, length = stream[pos], stream[pos + 1], stream[pos + 2], 0
-            length = struct.unpack("!H", stream[pos + 3 : pos + 5])[0]
-            if kind not in TLS_TYPES or major != 3 or minor > 4 or length > 16384 + 2048:
-                break
-            pos += 5 + length
-            count += 1
-        if pos + 5 > len(stream) and count > 0:
-            return True, count, f"0x{stream[first]:02x}"
-    return False, 0, ""
-
-
 def check_underlay_tls(plan: Plan, source: Pod, dest: Pod, capture: bool) -> Result:
     name = "underlay carries TLS on 15008, never the plaintext, during a 1 MiB transfer"
     out = Capture()
@@ -296,13 +164,13 @@ def check_underlay_tls(plan: Plan, source: Pod, dest: Pod, capture: bool) -> Res
         where = f"{src}:{sport} -> {dst}:{dport}"
         if any(MARKER in s.data for s in segments):
             leaks.append(where)
-        stream, from_start = _stream(segments)
+        stream, from_start = reassemble(segments)
         if MARKER in stream and where not in leaks:
             leaks.append(where)
         if HBONE_PORT in (sport, dport):
             hbone_bytes += payload_bytes
             if stream:
-                ok, count, _first = _tls_walk(stream, from_start)
+                ok, count, _first = tls_walk(stream, from_start)
                 records += count
                 if not ok:
                     bad_tls.append(where)
@@ -454,7 +322,7 @@ def run(plan: Plan) -> int:
 
     def report(result: Result) -> None:
         results.append(result)
-        print(f"{'PASS' if result.ok else 'FAIL'}  {result.name}: {result.detail}", flush=True)
+        print(result.line, flush=True)
 
     report(check_mesh_call(plan, sleep, a_echo, "same-node", capture))
     offset = _log_size(log_b)
@@ -464,7 +332,7 @@ def run(plan: Plan) -> int:
     report(check_direct(plan, b_legacy, a_legacy))
     report(check_policy(plan, sleep, b_echo, capture))
     report(check_metrics(plan, b_echo.node, capture))
-    waypoint_demo.run_checks(plan, st.waypoint, lambda r: report(Result(r.name, r.ok, r.detail)))
+    waypoint_demo.run_checks(plan, st.waypoint, report)
     passed = sum(r.ok for r in results)
     print(f"{passed}/{len(results)} checks passed", flush=True)
     return 0 if passed == len(results) else 1

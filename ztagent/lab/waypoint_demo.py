@@ -1,9 +1,9 @@
 """The waypoint checks of `ztagent lab demo`: L7 routing and policy through the `web` Service.
 
 Every call goes from a-sleep to the `web` VIP: node-a's agent captures it and carries it over
-HBONE to the waypoint on node-b, which applies the L7 objects this module writes into the
-control plane's directory (`resources.scenario_resources`) and opens a new tunnel to the chosen
-`web` pod. The checks, one PASS/FAIL line each:
+HBONE to the waypoint on node-b, which applies the L7 objects of `resources.scenario_resources`
+(written into the control plane's directory by `configdir.scenario_files`) and opens a new
+tunnel to the chosen `web` pod. The checks, one PASS/FAIL line each:
 
 1. canary split: 1,000 requests over keep-alive, v2 gets 10% +- 3 points;
 2. the `x-canary: v2` header routes 20/20 requests to v2;
@@ -26,17 +26,17 @@ import http.client
 import json
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TypeVar
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from ztagent.identity.certs import write_file
 from ztagent.lab import netns
-from ztagent.lab.command import http_get, write_resources
+from ztagent.lab.apps import FAIL_PERCENT_HEADER
+from ztagent.lab.configdir import jwt_signer, scenario_files
+from ztagent.lab.probes import http_get
+from ztagent.lab.report import Result
 from ztagent.lab.resources import (
     CANARY_HEADER,
     DESTINATION_RULE,
@@ -44,13 +44,12 @@ from ztagent.lab.resources import (
     OUTLIER,
     WEB,
     JwtSigner,
-    scenario_resources,
 )
 from ztagent.lab.topology import APP_PORT, LabError, Plan, Pod
+from ztagent.lab.traffic import Answer, Session
 
 T = TypeVar("T")
 CONFIG_TIMEOUT = 20.0
-REQUEST_TIMEOUT = 10.0
 CANARY_REQUESTS = 1000
 CANARY_SHARE = 0.10
 CANARY_TOLERANCE = 0.03
@@ -61,64 +60,9 @@ RETRY_SUCCESS = 0.99
 EJECTED_RUN = 30
 OUTLIER_TIMEOUT = 30.0
 RETURN_MARGIN = 4.0
-FAIL_PERCENT_HEADER = "x-lab-fail-percent"
-POD_HEADER = "x-lab-pod"
 RBAC_DENIED = "RBAC: access denied"
 SIGNING_KEY = "signing-key.pem"
 ROGUE_KEY = "rogue-key.pem"
-
-
-@dataclass
-class Result:
-    name: str
-    ok: bool
-    detail: str
-
-
-@dataclass(frozen=True)
-class Answer:
-    status: int
-    pod: str
-    """Who answered (the app's `x-lab-pod` header); empty when the app did not."""
-    body: bytes
-
-    @property
-    def text(self) -> str:
-        return self.body.decode(errors="replace").strip()
-
-
-class Session:
-    """Keep-alive HTTP/1.1 requests to one address; its socket lives in the namespace of the
-    thread that first sends (use it inside `netns.run_in`)."""
-
-    def __init__(self, host: str, port: int, timeout: float = REQUEST_TIMEOUT) -> None:
-        self.host, self.port, self.timeout = host, port, timeout
-        self.conn: http.client.HTTPConnection | None = None
-        self.connections = 0
-
-    def get(self, path: str, headers: Mapping[str, str] | None = None) -> Answer:
-        for attempt in (1, 2):
-            if self.conn is None:
-                self.conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
-                self.connections += 1
-            try:
-                self.conn.request("GET", path, headers=dict(headers or {}))
-                response = self.conn.getresponse()
-                body = response.read()
-                if response.will_close:
-                    self.close()
-                return Answer(response.status, response.getheader(POD_HEADER, ""), body)
-            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
-                # A keep-alive connection the other side closed between requests: once more.
-                self.close()
-                if attempt == 2:
-                    raise
-        raise AssertionError("unreachable")
-
-    def close(self) -> None:
-        if self.conn is not None:
-            self.conn.close()
-            self.conn = None
 
 
 @dataclass
@@ -146,38 +90,6 @@ class Lab:
 
     def version(self, answer: Answer) -> str:
         return self.versions.get(answer.pod, "?")
-
-
-def signer(directory: Path, name: str, kid: str) -> JwtSigner:
-    """The key in `directory/name`, made on first use."""
-    path = directory / name
-    if path.exists():
-        return JwtSigner.from_pem(path.read_bytes(), kid)
-    key = JwtSigner.generate(kid)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_file(path, key.pem(), 0o600)
-    return key
-
-
-def _files(plan: Plan, outlier: bool, jwks: str) -> list[Path]:
-    paths = []
-    for name, documents in scenario_resources(plan, jwks, outlier).items():
-        path = plan.resources_dir / name
-        write_resources(path, documents)
-        paths.append(path)
-    return paths
-
-
-@contextmanager
-def scenario_files(plan: Plan, jwks: str) -> Iterator[Callable[[bool], None]]:
-    """Write the L7 objects (outlier detection off); yield a function that rewrites them with
-    it on or off; remove them on the way out."""
-    written = _files(plan, False, jwks)
-    try:
-        yield lambda outlier: written.extend(_files(plan, outlier, jwks))
-    finally:
-        for path in set(written):
-            path.unlink(missing_ok=True)
 
 
 def _safe(lab: Lab, work: Callable[[Session], T]) -> T | str:
@@ -522,8 +434,8 @@ def make_lab(plan: Plan) -> Lab:
         vip=web.vip,
         port=web.port("http"),
         versions=versions,
-        signer=signer(plan.jwt_dir, SIGNING_KEY, "lab"),
-        rogue=signer(plan.jwt_dir, ROGUE_KEY, "lab"),
+        signer=jwt_signer(plan.jwt_dir, SIGNING_KEY, "lab"),
+        rogue=jwt_signer(plan.jwt_dir, ROGUE_KEY, "lab"),
     )
 
 

@@ -8,7 +8,7 @@ from ztagent.redirect.capture import (
     Listeners,
     cleanup,
 )
-from ztagent.redirect.checks import CaptureError
+from ztagent.redirect.errors import CaptureError
 
 __all__ = [
     "DEFAULT_MARK",

@@ -21,11 +21,20 @@ import sys
 import sysconfig
 from pathlib import Path
 
-from ztagent.redirect.checks import BccMissingError, KernelHeadersError, headers_package
+from ztagent.redirect.errors import BccMissingError, KernelHeadersError
 
 DEBIAN_BCC = Path("/usr/lib/python3/dist-packages/bcc")
 DEFAULT_TREE_ROOT = Path("/var/lib/ztagent/kernel-build")
 _HEADERS_ROOT = Path("/usr/src")
+
+
+def headers_package() -> str:
+    """The Debian package with headers for the running kernel (or the cloud flavour when the
+    kernel is not Debian's)."""
+    release = platform.release()
+    if Path(f"/usr/share/doc/linux-image-{release}").exists() or "-cloud-" in release:
+        return f"linux-headers-{release}"
+    return f"linux-headers-cloud-amd64 (or linux-headers-{release})"
 
 
 def ensure_bcc_importable(debian_bcc: Path = DEBIAN_BCC) -> None:

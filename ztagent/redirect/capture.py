@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ztagent.redirect import checks
-from ztagent.redirect.checks import CaptureError, ClsactUnsupportedError, FilterConflictError
+from ztagent.redirect.errors import CaptureError, ClsactUnsupportedError, FilterConflictError
 
 log = logging.getLogger(__name__)
 
@@ -236,13 +236,7 @@ class Capture:
 
     def start(self, devices: Iterable[str | int] = ()) -> None:
         """Check the machine, compile and load the program, install the routing, attach."""
-        checks.check_root()
-        checks.check_btf()
-        checks.check_clsact()
-        from ztagent.redirect.bccenv import ensure_bcc_importable, kernel_build_tree
-
-        ensure_bcc_importable()
-        kernel_build_tree(self.headers)
+        checks.check_all(self.headers)
         if not self.source.is_file():
             raise CaptureError(f"eBPF source {self.source} is missing")
         self._nl = _Netlink(self.netns)

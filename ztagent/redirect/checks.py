@@ -1,4 +1,4 @@
-"""Start-up checks for eBPF capture, one clear error each."""
+"""Start-up checks for eBPF capture, one clear error each (the errors are in `errors`)."""
 
 from __future__ import annotations
 
@@ -8,44 +8,13 @@ import os
 import platform
 from pathlib import Path
 
-from ztagent.errors import LocalError
-
-
-class CaptureError(LocalError):
-    """eBPF capture cannot work on this machine or in this configuration."""
-
-
-class NotRootError(CaptureError):
-    pass
-
-
-class NoBtfError(CaptureError):
-    pass
-
-
-class ClsactUnsupportedError(CaptureError):
-    pass
-
-
-class BccMissingError(CaptureError):
-    pass
-
-
-class KernelHeadersError(CaptureError):
-    pass
-
-
-class FilterConflictError(CaptureError):
-    pass
-
-
-def headers_package() -> str:
-    """The Debian package with headers for the running kernel (or the cloud flavour when the
-    kernel is not Debian's)."""
-    release = platform.release()
-    if Path(f"/usr/share/doc/linux-image-{release}").exists() or "-cloud-" in release:
-        return f"linux-headers-{release}"
-    return f"linux-headers-cloud-amd64 (or linux-headers-{release})"
+from ztagent.redirect.bccenv import ensure_bcc_importable, kernel_build_tree
+from ztagent.redirect.errors import (
+    BccMissingError,
+    ClsactUnsupportedError,
+    NoBtfError,
+    NotRootError,
+)
 
 
 def check_root() -> None:
@@ -105,8 +74,6 @@ def check_bcc() -> None:
 
 
 def check_headers(explicit: str | os.PathLike[str] | None = None) -> None:
-    from ztagent.redirect.bccenv import kernel_build_tree
-
     kernel_build_tree(explicit)
 
 
@@ -115,7 +82,5 @@ def check_all(headers: str | os.PathLike[str] | None = None) -> None:
     check_root()
     check_btf()
     check_clsact()
-    from ztagent.redirect.bccenv import ensure_bcc_importable
-
     ensure_bcc_importable()
     check_headers(headers)

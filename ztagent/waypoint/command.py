@@ -13,43 +13,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any
 
 from ztagent.errors import LocalError
 from ztagent.hbone.frames import parse_authority
-from ztagent.identity.spiffe import Identity
+from ztagent.waypoint.settings import WaypointSettings
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class WaypointSettings:
-    xds_address: str
-    ca_address: str
-    xds_root_ca: str
-    ca_root_ca: str
-    token_path: str
-    pod_name: str
-    pod_namespace: str
-    service_account: str
-    instance_ip: str
-    node_name: str
-    gateway: str
-    listen: tuple[str, int]
-    admin_addr: tuple[str, int]
-    metrics_addr: tuple[str, int]
-    readiness_addr: tuple[str, int]
-    trust_domain: str = "cluster.local"
-    cluster_id: str = "Kubernetes"
-    secret_ttl: timedelta = timedelta(hours=24)
-    otlp_endpoint: str = ""
-    log_format: str = "text"
-
-    @property
-    def identity(self) -> Identity:
-        return Identity(self.trust_domain, self.pod_namespace, self.service_account)
 
 
 # (flag, environment variable, default, help)

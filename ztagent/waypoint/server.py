@@ -26,9 +26,9 @@ from ztagent.telemetry.admin import (
 )
 from ztagent.telemetry.requests import RequestMetrics
 from ztagent.telemetry.tracing import OtlpExporter
-from ztagent.waypoint.command import WaypointSettings
 from ztagent.waypoint.config import build_config
 from ztagent.waypoint.proxy import Waypoint
+from ztagent.waypoint.settings import WaypointSettings
 from ztagent.xds.convert import ADDRESS_TYPE, L7_TYPE
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,1 @@
+"""HBONE: TCP tunnelled as HTTP/2 CONNECT over mutual TLS with SPIFFE identities."""

@@ -1,0 +1,1 @@
+"""What Istio's resources mean: pure, no I/O."""
