@@ -17,6 +17,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from ztagent.waypoint.cluster import UpstreamKey
 from ztagent.waypoint.destination import ConnectionPool, Overflow
 from ztagent.waypoint.http import (
     Body,
@@ -31,7 +32,7 @@ log = logging.getLogger(__name__)
 IDLE_TIMEOUT = 60.0
 
 Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
-Connect = Callable[["UpstreamKey"], Awaitable[Streams]]
+Connect = Callable[[UpstreamKey], Awaitable[Streams]]
 
 
 class UpstreamOverflow(Exception):
@@ -44,17 +45,6 @@ class UpstreamOverflow(Exception):
 
 class UpstreamConnectError(Exception):
     """No connection to the endpoint could be made (Envoy's UF)."""
-
-
-@dataclass(frozen=True, slots=True)
-class UpstreamKey:
-    """One endpoint as the pool knows it: address, target port, HTTP version, tunnel source."""
-
-    ip: str
-    port: int
-    http2: bool
-    identity: str
-    source_ip: str = ""
 
 
 Client = Http1Client | Http2Client
