@@ -35,14 +35,15 @@ from ztagent.model.store import ProxyState, StateChange
 from ztagent.model.watch import ConfigWatcher
 from ztagent.model.workload import Service, TunnelProtocol, Workload
 from ztagent.node.dump import CertificateStatus, config_dump
+from ztagent.node.relay import PlainRelay
 from ztagent.node.routing import RoundRobin, Route, RouteKind, route_outbound
 from ztagent.node.settings import WORKLOADS, NodeSettings
 from ztagent.node.xds import CaClient, ControlPlaneConnection, XdsClient, node_identity
-from ztagent.proxy.relay import PlainRelay
-from ztagent.proxy.socks5 import ConnectRequested, Failed, NeedMore, Reply, Socks5Handshake
 from ztagent.rbac import ConnectionAttributes, Verdict, evaluate
 from ztagent.redirect import Capture
 from ztagent.redirect.checks import check_all
+from ztagent.socks5.handshake import Reply
+from ztagent.socks5.listener import ReplyFn, Socks5Listener, tunnel_response
 from ztagent.telemetry.accesslog import AccessLog, ConnectionRecord
 from ztagent.telemetry.admin import (
     Readiness,
@@ -63,11 +64,6 @@ log = logging.getLogger(__name__)
 
 HBONE_PORT = 15008
 PLAINTEXT_PORT = 15006
-
-# What SOCKS5 says for each way an outbound connection can fail.
-_SOCKS_FOR_STATUS = {401: Reply.NOT_ALLOWED, 400: Reply.NOT_ALLOWED, 503: Reply.CONNECTION_REFUSED}
-
-ReplyFn = Callable[[int, tuple[str, int] | None], bytes]
 
 
 @dataclass
@@ -222,7 +218,7 @@ class NodeAgent:
         if isinstance(s.socks5_addr, tuple):
             self._servers.append(
                 await loop.create_server(
-                    lambda: _Socks5(self), sock=_listener(s.socks5_addr, transparent=False)
+                    self._socks5_protocol, sock=_listener(s.socks5_addr, transparent=False)
                 )
             )
         await self._bind_workloads()
@@ -523,6 +519,25 @@ class NodeAgent:
     def _plain_inbound_protocol(self) -> asyncio.Protocol:
         return _PlainInbound(self)
 
+    def _socks5_protocol(self) -> asyncio.Protocol:
+        return Socks5Listener(self._service_address, self._socks5_connect)
+
+    def _service_address(self, hostname: str) -> str | None:
+        service = self.state.service_by_hostname(hostname)
+        if service is None or not service.addresses:
+            return None
+        return str(service.addresses[0].address)
+
+    def _socks5_connect(
+        self,
+        transport: asyncio.Transport,
+        client: tuple[str, int],
+        destination: tuple[str, int],
+        early: list[bytes],
+        reply: ReplyFn,
+    ) -> None:
+        self._spawn(self.outbound(transport, client, destination, early=early, reply=reply))
+
     async def inbound_plain(
         self,
         transport: asyncio.Transport,
@@ -744,7 +759,7 @@ class NodeAgent:
         leg = TcpLeg()
         leg.held = early
         if reply is not None:
-            leg.reply = lambda status: reply(_socks_code(status), None)
+            leg.on_response = tunnel_response(reply)
         transport.set_protocol(leg)
         leg.connection_made(transport)
         tunnel = Tunnel(
@@ -798,13 +813,6 @@ class NodeAgent:
 
 
 # ---------------------------------------------------------------------- helpers
-
-
-def _socks_code(status: int) -> int:
-    """The SOCKS5 reply for an HBONE CONNECT status."""
-    if status == 200:
-        return Reply.SUCCEEDED
-    return _SOCKS_FOR_STATUS.get(status, Reply.GENERAL_FAILURE)
 
 
 def _listener(address: tuple[str, int], transparent: bool) -> socket.socket:
@@ -880,53 +888,6 @@ class _Holding(asyncio.Protocol):
         peer = self.transport.get_extra_info("peername")
         local = self.transport.get_extra_info("sockname")
         return (peer[0], peer[1]), (local[0], local[1])
-
-
-class _Socks5(_Holding):
-    """The SOCKS5 handshake; then the connection is the agent's, as if it had been captured."""
-
-    def __init__(self, agent: NodeAgent) -> None:
-        super().__init__(agent)
-        self.handshake = Socks5Handshake()
-
-    def data_received(self, data: bytes) -> None:
-        transport = self.transport
-        if transport is None:
-            return
-        if self.handshake.done:
-            super().data_received(data)
-            return
-        event = self.handshake.receive_data(data)
-        out = self.handshake.data_to_send()
-        if out:
-            transport.write(out)
-        if isinstance(event, NeedMore):
-            return
-        if isinstance(event, Failed):
-            if event.reply:
-                transport.write(event.reply)
-            transport.close()
-            return
-        assert isinstance(event, ConnectRequested)
-        transport.pause_reading()
-        if event.early_data:
-            self.held.append(event.early_data)
-        host = event.host
-        try:
-            _ip(host)
-        except ValueError:
-            service = self.agent.state.service_by_hostname(host)
-            if service is None or not service.addresses:
-                transport.write(self.handshake.reply(Reply.HOST_UNREACHABLE))
-                transport.close()
-                return
-            host = str(service.addresses[0].address)
-        peer, _ = self.addresses()
-        self.agent._spawn(
-            self.agent.outbound(
-                transport, peer, (host, event.port), early=self.held, reply=self.handshake.reply
-            )
-        )
 
 
 class _Captured(_Holding):
