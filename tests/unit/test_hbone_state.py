@@ -12,7 +12,8 @@ import pytest
 
 from ztagent.errors import LocalError
 from ztagent.hbone.connection import ConnectionInfo, HboneConnection, TcpLeg
-from ztagent.hbone.session import ConnectRequest, HboneSession, Role
+from ztagent.hbone.events import ConnectRequest
+from ztagent.hbone.session import HboneSession, Role
 from ztagent.hbone.state import (
     CLOSED,
     HOLDING,

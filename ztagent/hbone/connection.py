@@ -22,20 +22,20 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
 
-from ztagent.hbone.frames import FRAME_HEADER_SIZE, ErrorCode
-from ztagent.hbone.session import (
+from ztagent.hbone.events import (
     ConnectionTerminated,
     ConnectRequest,
     DataReceived,
     Event,
     GoAwayReceived,
-    HboneSession,
     ResponseReceived,
     SendUnblocked,
     SettingsReceived,
     StreamEnded,
     StreamReset,
 )
+from ztagent.hbone.frames import FRAME_HEADER_SIZE, ErrorCode
+from ztagent.hbone.session import HboneSession
 from ztagent.hbone.state import HOLDING, TunnelEvent, next_state
 from ztagent.hbone.transport import TlsReceiver, TlsTransport, receive_buffer
 from ztagent.identity.spiffe import Identity

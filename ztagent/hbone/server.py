@@ -21,8 +21,9 @@ from dataclasses import dataclass
 
 from ztagent.errors import LocalError, RemoteError
 from ztagent.hbone.connection import ConnectionInfo, HboneConnection, TcpLeg
+from ztagent.hbone.events import ConnectRequest, Headers
 from ztagent.hbone.frames import Settings, parse_authority
-from ztagent.hbone.session import ConnectRequest, HboneSession, Headers, Role
+from ztagent.hbone.session import HboneSession, Role
 from ztagent.hbone.tls import TlsConfig
 from ztagent.hbone.transport import TlsStream, TlsTransport, connect_socket, make_socket
 from ztagent.identity.spiffe import Identity
