@@ -11,7 +11,7 @@ import pytest
 
 from ztagent.hbone.client import HboneClient, Tunnel
 from ztagent.hbone.connection import TcpLeg
-from ztagent.hbone.server import Allow, HboneServer, InboundRequest
+from ztagent.hbone.server import HboneServer, InboundRequest, Serve
 from ztagent.hbone.tls import TlsConfig
 from ztagent.identity.ca import CertificateAuthority
 from ztagent.identity.spiffe import Identity
@@ -57,7 +57,7 @@ def test_streams_through_pipes_on_both_tunnel_ends(tmp_path: Path) -> None:
         loop = asyncio.get_running_loop()
         handlers: set[asyncio.Task[None]] = set()
 
-        def decide(request: InboundRequest) -> Allow:
+        def decide(request: InboundRequest) -> Serve:
             seen.append(request)
 
             def serve(leg: TcpLeg) -> None:
@@ -66,7 +66,7 @@ def test_streams_through_pipes_on_both_tunnel_ends(tmp_path: Path) -> None:
                 handlers.add(task)
                 task.add_done_callback(handlers.discard)
 
-            return Allow(request.target, serve=serve)
+            return Serve(serve)
 
         server = HboneServer(server_tls, decide)
         address = await server.listen("127.0.0.1", 0)

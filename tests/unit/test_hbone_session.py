@@ -12,6 +12,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ztagent.hbone.events import (
+    ConnectionTerminated,
+    ConnectRequest,
+    DataReceived,
+    Event,
+    GoAwayReceived,
+    PingAcknowledged,
+    ResponseReceived,
+    SendUnblocked,
+    StreamEnded,
+    StreamReset,
+)
 from ztagent.hbone.frames import (
     PREFACE,
     U32,
@@ -20,26 +32,12 @@ from ztagent.hbone.frames import (
     FrameType,
     MiB,
     Settings,
-    decode_simple_headers,
-    encode_headers,
     format_authority,
     pack_frame,
     parse_authority,
 )
-from ztagent.hbone.session import (
-    ConnectionTerminated,
-    ConnectRequest,
-    DataReceived,
-    Event,
-    GoAwayReceived,
-    HboneSession,
-    PingAcknowledged,
-    ResponseReceived,
-    Role,
-    SendUnblocked,
-    StreamEnded,
-    StreamReset,
-)
+from ztagent.hbone.headers import decode_simple_headers, encode_headers
+from ztagent.hbone.session import HboneSession, Role
 
 
 def _bytes(session: HboneSession) -> bytes:

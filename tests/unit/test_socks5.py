@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ztagent.errors import LocalError
-from ztagent.proxy.socks5 import (
+from ztagent.socks5.handshake import (
     AddressType,
     ConnectRequested,
     Event,

@@ -5,6 +5,8 @@ copies: a leg reads into the shared receive buffer behind a 9-byte gap and the s
 the DATA frame header into that gap; tunnel payload arriving over TLS is written to the leg's
 transport as a slice of the buffer it was decrypted into.
 
+A leg's place in its tunnel's life is one `TunnelState` (see `state.py` for the transitions).
+
 Backpressure crosses the legs: a leg whose transport is full stops acknowledging its stream
 window (the peer stops at 4 MiB); a stream without send credit, or a congested TLS transport,
 pauses reading on the legs that feed it.
@@ -20,24 +22,30 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
 
-from ztagent.hbone.frames import FRAME_HEADER_SIZE, ErrorCode
-from ztagent.hbone.session import (
+from ztagent.hbone.events import (
     ConnectionTerminated,
     ConnectRequest,
     DataReceived,
     Event,
     GoAwayReceived,
-    HboneSession,
     ResponseReceived,
     SendUnblocked,
     SettingsReceived,
     StreamEnded,
     StreamReset,
 )
+from ztagent.hbone.frames import FRAME_HEADER_SIZE, ErrorCode
+from ztagent.hbone.session import HboneSession
+from ztagent.hbone.state import HOLDING, TunnelEvent, next_state
 from ztagent.hbone.transport import TlsReceiver, TlsTransport, receive_buffer
 from ztagent.identity.spiffe import Identity
 
 log = logging.getLogger(__name__)
+
+# Client side: given the app's transport and the CONNECT's response status, tells the app
+# what it must hear before any tunnel bytes (a handshake's answer, say) and returns whether
+# it told it something: a refused tunnel then closes the app connection instead of aborting it.
+ResponseHook = Callable[[asyncio.Transport, int], bool]
 
 
 class TcpLeg(asyncio.BufferedProtocol):
@@ -51,9 +59,9 @@ class TcpLeg(asyncio.BufferedProtocol):
         "held",
         "local_ended",
         "on_done",
-        "relaying",
+        "on_response",
         "remote_ended",
-        "reply",
+        "state",
         "stream_id",
         "transport",
         "write_paused",
@@ -63,19 +71,18 @@ class TcpLeg(asyncio.BufferedProtocol):
         self.conn: HboneConnection | None = None
         self.stream_id = 0
         self.transport: asyncio.Transport | None = None
+        self.state = HOLDING
         self.write_paused = False
         self.local_ended = False
         self.remote_ended = False
-        self.relaying = False
-        # Bytes that arrived before the tunnel was established: from the tunnel (`early`),
-        # and from the app (`held`; the transport may deliver a read before pausing takes hold).
+        # What arrived while HOLDING, delivered on leaving it: from the tunnel (`early`), and
+        # from the app (`held`; the transport may deliver a read before pausing takes hold).
         self.early: list[bytes] | None = None
         self.held: list[bytes] | None = None
         self.bytes_in = 0  # from the app into the tunnel
         self.bytes_out = 0  # from the tunnel to the app
-        # Given the CONNECT's status; what it returns is written to the app first: before any
-        # tunnel bytes on 200, before closing otherwise (e.g. a SOCKS5 reply).
-        self.reply: Callable[[int], bytes] | None = None
+        # Client side: called once with the CONNECT's response, before any tunnel bytes.
+        self.on_response: ResponseHook | None = None
         # Called once when the leg leaves its tunnel, with an error text or None (clean end).
         self.on_done: Callable[[TcpLeg, str | None], None] | None = None
 
@@ -91,7 +98,7 @@ class TcpLeg(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         conn = self.conn
-        if self.relaying and conn is not None:
+        if self.state is not HOLDING and conn is not None:
             conn.leg_data(self, nbytes)
         else:
             view = receive_buffer().view
@@ -102,7 +109,7 @@ class TcpLeg(asyncio.BufferedProtocol):
 
     def eof_received(self) -> bool:
         self.local_ended = True
-        if self.relaying and self.conn is not None:
+        if self.state is not HOLDING and self.conn is not None:
             self.conn.leg_eof(self)
         return True  # keep our writing side open: the tunnel may still carry data back
 
@@ -224,7 +231,7 @@ class HboneConnection(TlsReceiver):
                     continue
                 leg.bytes_out += size
                 transport = leg.transport
-                if transport is not None and leg.relaying:
+                if transport is not None and leg.state is not HOLDING:
                     transport.write(event.data)
                     if transport.get_write_buffer_size():
                         receive_buffer().retained()
@@ -242,7 +249,11 @@ class HboneConnection(TlsReceiver):
                 if leg is not None:
                     leg.remote_ended = True
                     transport = leg.transport
-                    if transport is not None and leg.relaying and transport.can_write_eof():
+                    if (
+                        transport is not None
+                        and leg.state is not HOLDING
+                        and transport.can_write_eof()
+                    ):
                         with contextlib.suppress(OSError):  # the app side is already gone
                             transport.write_eof()
                     self._maybe_finish(leg)
@@ -257,13 +268,14 @@ class HboneConnection(TlsReceiver):
                     future.set_result(event.status)
                 leg = self.legs.get(event.stream_id)
                 if leg is not None:
-                    said = b""
-                    if leg.reply is not None and leg.transport is not None:
-                        said = leg.reply(event.status)
-                        leg.reply = None
-                        leg.transport.write(said)
-                    if event.status != 200:
-                        app = "close" if said else "abort"
+                    told = False
+                    hook, leg.on_response = leg.on_response, None
+                    if hook is not None and leg.transport is not None:
+                        told = hook(leg.transport, event.status)
+                    if event.status == 200:
+                        leg.state = next_state(leg.state, TunnelEvent.ESTABLISHED)
+                    else:
+                        app = "close" if told else "abort"
                         self._release(leg, reset=True, app=app, error=f"HBONE {event.status}")
             elif isinstance(event, StreamReset):
                 self._stream_gone(event.stream_id)
@@ -346,6 +358,7 @@ class HboneConnection(TlsReceiver):
             return
         del self.legs[leg.stream_id]
         leg.conn = None
+        leg.state = next_state(leg.state, TunnelEvent.RELEASED)
         self._starved.discard(leg)
         if reset and self.session.has_stream(leg.stream_id):
             self.session.reset_stream(leg.stream_id, ErrorCode.CANCEL)
@@ -363,12 +376,23 @@ class HboneConnection(TlsReceiver):
         leg.stream_id = stream_id
         self.legs[stream_id] = leg
 
+    def accept(self, leg: TcpLeg) -> None:
+        """Server side: answer the leg's CONNECT with 200 and start relaying."""
+        self.session.respond(leg.stream_id, 200)
+        self._relay(leg, TunnelEvent.ACCEPTED)
+        self.flush()
+
     def start_relay(self, leg: TcpLeg) -> None:
-        """The tunnel is established: deliver early bytes and let the app's bytes flow."""
+        """Client side: the CONNECT is out; the app's bytes follow it (see `state`)."""
+        self._relay(leg, TunnelEvent.CONNECT_SENT)
+
+    def _relay(self, leg: TcpLeg, event: TunnelEvent) -> None:
+        """Leave HOLDING: deliver the bytes kept from the tunnel, send those held from the app
+        and let the app's bytes flow."""
         if leg.transport is None:
             self._release(leg, reset=True, app="none", error="app left before the tunnel was up")
             return
-        leg.relaying = True
+        leg.state = next_state(leg.state, event)
         early, leg.early = leg.early or (), None
         held, leg.held = leg.held or (), None
         transport = leg.transport
@@ -440,6 +464,7 @@ class HboneConnection(TlsReceiver):
         legs, self.legs = self.legs, {}
         for leg in legs.values():
             leg.conn = None
+            leg.state = next_state(leg.state, TunnelEvent.RELEASED)
             leg.abort()
             leg.finished("HBONE connection closed")
         if not self.settings_received.done():

@@ -1,9 +1,11 @@
 """The HBONE server: accepts mTLS connections and decides each CONNECT through a hook.
 
 The hook (`Decide`) sees who is asking (verified SPIFFE identity), for what (`:authority`, the
-address the caller dialed, the request headers), and answers `Allow` (where to connect, with
-which socket mark and source address) or `Deny` (the HTTP status). The node agent plugs its
-workload lookup and L4 authorization in here; `ztagent hbone serve` allows every authority.
+address the caller dialed, the request headers), and answers with one outcome: `Allow` (connect
+the tunnel to an address, with which socket mark and source address), `Serve` (the tunnel ends
+in this process: a `LegHandler` gives its app leg a transport) or `Deny` (the HTTP status).
+The node agent plugs its workload lookup and L4 authorization in here; `ztagent hbone serve`
+allows every authority.
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ from dataclasses import dataclass
 
 from ztagent.errors import LocalError, RemoteError
 from ztagent.hbone.connection import ConnectionInfo, HboneConnection, TcpLeg
+from ztagent.hbone.events import ConnectRequest, Headers
 from ztagent.hbone.frames import Settings, parse_authority
-from ztagent.hbone.session import ConnectRequest, HboneSession, Headers, Role
+from ztagent.hbone.session import HboneSession, Role
 from ztagent.hbone.tls import TlsConfig
 from ztagent.hbone.transport import TlsStream, TlsTransport, connect_socket, make_socket
 from ztagent.identity.spiffe import Identity
@@ -62,17 +65,29 @@ class InboundRequest:
         return None
 
 
+# Given a tunnel's app leg as soon as it exists.
+LegHandler = Callable[[TcpLeg], None]
+
+
 @dataclass(frozen=True, slots=True)
 class Allow:
+    """Connect the tunnel to `address`; answered 200 once connected, 503 if that fails."""
+
     address: tuple[str, int]
     mark: int | None = None
     source_ip: str | None = None
-    # Called with the tunnel's app leg as soon as it exists (before connecting), so the
-    # owner can set `leg.on_done` and keep track of the tunnel.
-    on_leg: Callable[[TcpLeg], None] | None = None
-    # Instead of connecting to `address`: give the leg its transport in-process (call its
-    # `connection_made`); the tunnel is answered 200 at once (the waypoint serves HTTP so).
-    serve: Callable[[TcpLeg], None] | None = None
+    # Called with the app leg before connecting, so the owner can set `leg.on_done` and
+    # keep track of the tunnel.
+    on_leg: LegHandler | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Serve:
+    """End the tunnel in this process: `handler` gives the app leg its transport (calls its
+    `connection_made`) before it returns; the tunnel is then answered 200 at once, or 503
+    if the handler raised."""
+
+    handler: LegHandler
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +96,8 @@ class Deny:
     reason: str = ""
 
 
-Decide = Callable[[InboundRequest], Allow | Deny]
+Decision = Allow | Serve | Deny
+Decide = Callable[[InboundRequest], Decision]
 
 
 def allow_authority(request: InboundRequest) -> Allow:
@@ -232,20 +248,18 @@ class HboneServer:
             return
         leg = TcpLeg()
         conn.attach(leg, sid)
-        if decision.on_leg is not None:
-            decision.on_leg(leg)
-        if decision.serve is None:
+        if isinstance(decision, Allow):
+            if decision.on_leg is not None:
+                decision.on_leg(leg)
             self._spawn(self._connect(conn, leg, decision))
             return
         try:
-            decision.serve(leg)
+            decision.handler(leg)
         except Exception:
             log.exception("serving %s in-process failed", event.authority)
             conn.refuse(leg, 503, "internal error")
             return
-        conn.session.respond(sid, 200)
-        conn.start_relay(leg)
-        conn.flush()
+        conn.accept(leg)
 
     async def _connect(self, conn: HboneConnection, leg: TcpLeg, allow: Allow) -> None:
         loop = asyncio.get_running_loop()
@@ -262,9 +276,7 @@ class HboneServer:
         if leg.conn is not conn or conn.closed:
             leg.abort()
             return
-        conn.session.respond(leg.stream_id, 200)
-        conn.start_relay(leg)
-        conn.flush()
+        conn.accept(leg)
 
     # ------------------------------------------------------------------- shutdown
 

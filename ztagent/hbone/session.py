@@ -19,11 +19,24 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 import hpack
 
 from ztagent.errors import LocalError
+from ztagent.hbone.events import (
+    ConnectionTerminated,
+    ConnectRequest,
+    DataReceived,
+    Event,
+    GoAwayReceived,
+    Headers,
+    PingAcknowledged,
+    ResponseReceived,
+    SendUnblocked,
+    SettingsReceived,
+    StreamEnded,
+    StreamReset,
+)
 from ztagent.hbone.frames import (
     DEFAULT_MAX_FRAME,
     DEFAULT_WINDOW,
@@ -39,112 +52,19 @@ from ztagent.hbone.frames import (
     FrameType,
     SettingCode,
     Settings,
-    decode_simple_headers,
-    encode_headers,
     pack_frame,
 )
-
-Headers = list[tuple[str, str]]
+from ztagent.hbone.headers import (
+    MalformedRequest,
+    decode_simple_headers,
+    encode_headers,
+    request_target,
+)
 
 
 class Role(enum.Enum):
     CLIENT = "client"
     SERVER = "server"
-
-
-# ---------------------------------------------------------------------------- events
-
-
-@dataclass(frozen=True, slots=True)
-class ConnectRequest:
-    """Server side: the peer asked for a tunnel. `method` is not CONNECT or `authority`
-    is malformed only when `problem` says so; the session already answered nothing."""
-
-    stream_id: int
-    method: str
-    authority: str
-    headers: Headers
-
-
-@dataclass(frozen=True, slots=True)
-class ResponseReceived:
-    """Client side: the final status of a CONNECT."""
-
-    stream_id: int
-    status: int
-    headers: Headers
-
-
-@dataclass(frozen=True, slots=True)
-class DataReceived:
-    """Tunnel payload. `data` is a slice of the buffer given to `receive_data`: use or copy it
-    before that buffer is reused. Acknowledge it with `acknowledge` once it has been delivered."""
-
-    stream_id: int
-    data: memoryview
-
-
-@dataclass(frozen=True, slots=True)
-class StreamEnded:
-    """The peer half-closed the tunnel (END_STREAM)."""
-
-    stream_id: int
-
-
-@dataclass(frozen=True, slots=True)
-class StreamReset:
-    """The tunnel is gone: reset by the peer (`remote`) or by this session after a stream error."""
-
-    stream_id: int
-    error_code: int
-    remote: bool
-
-
-@dataclass(frozen=True, slots=True)
-class SendUnblocked:
-    """Flow-control credit arrived and queued data for this stream went out; read more."""
-
-    stream_id: int
-
-
-@dataclass(frozen=True, slots=True)
-class SettingsReceived:
-    max_concurrent_streams: int
-
-
-@dataclass(frozen=True, slots=True)
-class PingAcknowledged:
-    payload: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class GoAwayReceived:
-    last_stream_id: int
-    error_code: int
-    debug: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class ConnectionTerminated:
-    """The session is closed; the owner should flush `data_to_send()` and close the socket."""
-
-    error_code: int
-    reason: str
-    remote: bool
-
-
-Event = (
-    ConnectRequest
-    | ResponseReceived
-    | DataReceived
-    | StreamEnded
-    | StreamReset
-    | SendUnblocked
-    | SettingsReceived
-    | PingAcknowledged
-    | GoAwayReceived
-    | ConnectionTerminated
-)
 
 
 class _ConnectionError(Exception):
@@ -191,10 +111,6 @@ class _Stream:
 
 # Reading states for the frame parser.
 _HEADER, _PAYLOAD, _DATA_PAD_LENGTH, _DATA, _DATA_PADDING = range(5)
-
-_CONNECTION_HEADERS = frozenset(
-    {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade"}
-)
 
 
 class HboneSession:
@@ -692,7 +608,10 @@ class HboneSession:
             raise _StreamError(sid, ErrorCode.REFUSED_STREAM, "draining")
         if len(self._streams) >= self.settings.max_concurrent_streams:
             raise _StreamError(sid, ErrorCode.REFUSED_STREAM, "too many streams")
-        method, authority = _request_target(sid, headers)
+        try:
+            method, authority = request_target(headers)
+        except MalformedRequest as exc:
+            raise _StreamError(sid, ErrorCode.PROTOCOL_ERROR, str(exc)) from None
         stream = _Stream(sid, self._peer_initial_window, self.settings.stream_window)
         stream.remote_closed = end_stream
         self._streams[sid] = stream
@@ -889,28 +808,3 @@ class HboneSession:
     def _maybe_forget(self, stream: _Stream) -> None:
         if stream.local_closed and stream.remote_closed:
             self._streams.pop(stream.id, None)
-
-
-def _request_target(sid: int, headers: Headers) -> tuple[str, str]:
-    """Validate a request header list (RFC 9113 8.2-8.3); returns (method, authority)."""
-    method = authority = ""
-    seen_regular = False
-    for name, value in headers:
-        if name != name.lower() or not name:
-            raise _StreamError(sid, ErrorCode.PROTOCOL_ERROR, f"header name {name!r}")
-        if name.startswith(":"):
-            if seen_regular:
-                raise _StreamError(sid, ErrorCode.PROTOCOL_ERROR, "pseudo-header after headers")
-            if name == ":method":
-                method = value
-            elif name == ":authority":
-                authority = value
-            elif name not in (":scheme", ":path"):
-                raise _StreamError(sid, ErrorCode.PROTOCOL_ERROR, f"pseudo-header {name}")
-        else:
-            seen_regular = True
-            if name in _CONNECTION_HEADERS or (name == "te" and value != "trailers"):
-                raise _StreamError(sid, ErrorCode.PROTOCOL_ERROR, f"header {name}")
-    if not method:
-        raise _StreamError(sid, ErrorCode.PROTOCOL_ERROR, "request without :method")
-    return method, authority

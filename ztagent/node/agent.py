@@ -37,14 +37,15 @@ from ztagent.node import inbound, outbound
 from ztagent.node.dump import CertificateStatus, config_dump
 from ztagent.node.inbound import PLAINTEXT_PORT, InboundRefused
 from ztagent.node.outbound import OpenTunnel, OutboundRefused, Relay
+from ztagent.node.relay import PlainRelay
 from ztagent.node.routing import RoundRobin
 from ztagent.node.settings import WORKLOADS, NodeSettings
 from ztagent.node.xds import CaClient, ControlPlaneConnection, XdsClient, node_identity
-from ztagent.proxy.relay import PlainRelay
-from ztagent.proxy.socks5 import ConnectRequested, Failed, NeedMore, Reply, Socks5Handshake
 from ztagent.rbac import ConnectionAttributes, Verdict, evaluate
 from ztagent.redirect import Capture
 from ztagent.redirect.checks import check_all
+from ztagent.socks5.handshake import Reply
+from ztagent.socks5.listener import ReplyFn, Socks5Listener, tunnel_response
 from ztagent.telemetry.accesslog import AccessLog, ConnectionRecord
 from ztagent.telemetry.admin import (
     Readiness,
@@ -65,11 +66,6 @@ HBONE_PORT = 15008
 # Accept queue of every listener, as tokio's TcpListener::bind (ztunnel's) sets it: 1024. Pass
 # it to create_server too, which listens again on a given socket (with 100 by default).
 LISTEN_BACKLOG = 1024
-
-# What SOCKS5 says for each way an outbound connection can fail.
-_SOCKS_FOR_STATUS = {401: Reply.NOT_ALLOWED, 400: Reply.NOT_ALLOWED, 503: Reply.CONNECTION_REFUSED}
-
-ReplyFn = Callable[[int, tuple[str, int] | None], bytes]
 
 
 @dataclass
@@ -227,7 +223,7 @@ class NodeAgent:
         if isinstance(s.socks5_addr, tuple):
             self._servers.append(
                 await loop.create_server(
-                    lambda: _Socks5(self),
+                    self._socks5_protocol,
                     sock=_listener(s.socks5_addr, transparent=False),
                     backlog=LISTEN_BACKLOG,
                 )
@@ -481,6 +477,25 @@ class NodeAgent:
     def _plain_inbound_protocol(self) -> asyncio.Protocol:
         return _PlainInbound(self)
 
+    def _socks5_protocol(self) -> asyncio.Protocol:
+        return Socks5Listener(self._service_address, self._socks5_connect)
+
+    def _service_address(self, hostname: str) -> str | None:
+        service = self.state.service_by_hostname(hostname)
+        if service is None or not service.addresses:
+            return None
+        return str(service.addresses[0].address)
+
+    def _socks5_connect(
+        self,
+        transport: asyncio.Transport,
+        client: tuple[str, int],
+        destination: tuple[str, int],
+        early: list[bytes],
+        reply: ReplyFn,
+    ) -> None:
+        self._spawn(self.outbound(transport, client, destination, early=early, reply=reply))
+
     async def inbound_plain(
         self,
         transport: asyncio.Transport,
@@ -630,7 +645,7 @@ class NodeAgent:
         leg = TcpLeg()
         leg.held = early
         if reply is not None:
-            leg.reply = lambda status: reply(_socks_code(status), None)
+            leg.on_response = tunnel_response(reply)
         transport.set_protocol(leg)
         leg.connection_made(transport)
         self.metrics.opened(labels)
@@ -685,13 +700,6 @@ def _log_dry_run(verdict: Verdict | None, record: ConnectionRecord | None) -> No
         log.info("dry-run policy %s matched %s", name, where)
 
 
-def _socks_code(status: int) -> int:
-    """The SOCKS5 reply for an HBONE CONNECT status."""
-    if status == 200:
-        return Reply.SUCCEEDED
-    return _SOCKS_FOR_STATUS.get(status, Reply.GENERAL_FAILURE)
-
-
 def _listener(address: tuple[str, int], transparent: bool) -> socket.socket:
     family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -734,53 +742,6 @@ class _Holding(asyncio.Protocol):
         peer = self.transport.get_extra_info("peername")
         local = self.transport.get_extra_info("sockname")
         return (peer[0], peer[1]), (local[0], local[1])
-
-
-class _Socks5(_Holding):
-    """The SOCKS5 handshake; then the connection is the agent's, as if it had been captured."""
-
-    def __init__(self, agent: NodeAgent) -> None:
-        super().__init__(agent)
-        self.handshake = Socks5Handshake()
-
-    def data_received(self, data: bytes) -> None:
-        transport = self.transport
-        if transport is None:
-            return
-        if self.handshake.done:
-            super().data_received(data)
-            return
-        event = self.handshake.receive_data(data)
-        out = self.handshake.data_to_send()
-        if out:
-            transport.write(out)
-        if isinstance(event, NeedMore):
-            return
-        if isinstance(event, Failed):
-            if event.reply:
-                transport.write(event.reply)
-            transport.close()
-            return
-        assert isinstance(event, ConnectRequested)
-        transport.pause_reading()
-        if event.early_data:
-            self.held.append(event.early_data)
-        host = event.host
-        try:
-            _ip(host)
-        except ValueError:
-            service = self.agent.state.service_by_hostname(host)
-            if service is None or not service.addresses:
-                transport.write(self.handshake.reply(Reply.HOST_UNREACHABLE))
-                transport.close()
-                return
-            host = str(service.addresses[0].address)
-        peer, _ = self.addresses()
-        self.agent._spawn(
-            self.agent.outbound(
-                transport, peer, (host, event.port), early=self.held, reply=self.handshake.reply
-            )
-        )
 
 
 class _Captured(_Holding):

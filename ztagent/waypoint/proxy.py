@@ -29,7 +29,7 @@ from typing import Any
 from ztagent.hbone.client import HboneClient, Tunnel, TunnelFailed, TunnelRefused
 from ztagent.hbone.connection import TcpLeg
 from ztagent.hbone.frames import format_authority
-from ztagent.hbone.server import Allow, Deny, InboundRequest
+from ztagent.hbone.server import Deny, InboundRequest, Serve
 from ztagent.identity.spiffe import Identity
 from ztagent.model.store import ProxyState
 from ztagent.model.workload import HBONE_MTLS_PORT, Service, Workload
@@ -153,7 +153,7 @@ class Waypoint:
 
     # ------------------------------------------------------------------ tunnels
 
-    def decide(self, request: InboundRequest) -> Allow | Deny:
+    def decide(self, request: InboundRequest) -> Serve | Deny:
         ip_text = request.target[0]
         try:
             ip = ipaddress.ip_address(ip_text)
@@ -177,7 +177,7 @@ class Waypoint:
         downstream = Downstream(
             request.peer_identity, client_ip, request.target, service, workload, source
         )
-        return Allow(request.target, serve=lambda leg: self._serve_leg(leg, downstream))
+        return Serve(lambda leg: self._serve_leg(leg, downstream))
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)

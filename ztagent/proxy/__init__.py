@@ -1,1 +1,0 @@
-"""Moving application connections: the listeners' protocols and the relay."""

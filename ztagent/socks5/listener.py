@@ -1,0 +1,104 @@
+"""The SOCKS5 listener's protocol, and what a SOCKS5 client hears once its connection is routed.
+
+`Socks5Listener` runs the handshake on an accepted connection, resolves a domain name through
+its owner, then hands the connection over (paused, with the client's bytes read so far) with
+a `ReplyFn` to answer the client once the connection is tried. For a connection that goes
+through an HBONE tunnel, `tunnel_response` is the leg's response hook: the client hears the
+SOCKS5 reply for the CONNECT's status before any tunnel bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+from collections.abc import Callable
+from typing import cast
+
+from ztagent.hbone.connection import ResponseHook
+from ztagent.socks5.handshake import ConnectRequested, Failed, NeedMore, Reply, Socks5Handshake
+
+# The reply for a `Reply` code and the bound address (None: 0.0.0.0:0).
+ReplyFn = Callable[[int, tuple[str, int] | None], bytes]
+# A domain name's address, or None when nothing is known by that name.
+Resolve = Callable[[str], str | None]
+# Takes the connection over: (transport, client, destination, bytes read so far, reply).
+# The list of bytes may grow until the transport gets a new protocol.
+Connect = Callable[
+    [asyncio.Transport, tuple[str, int], tuple[str, int], list[bytes], ReplyFn], None
+]
+
+# What SOCKS5 says for each way an HBONE CONNECT can be refused.
+_FOR_STATUS = {401: Reply.NOT_ALLOWED, 400: Reply.NOT_ALLOWED, 503: Reply.CONNECTION_REFUSED}
+
+
+def reply_code(status: int) -> int:
+    """The SOCKS5 reply for an HBONE CONNECT status."""
+    if status == 200:
+        return Reply.SUCCEEDED
+    return _FOR_STATUS.get(status, Reply.GENERAL_FAILURE)
+
+
+def tunnel_response(reply: ReplyFn) -> ResponseHook:
+    """A tunnel leg's response hook that answers the SOCKS5 client for the CONNECT's status."""
+
+    def on_response(transport: asyncio.Transport, status: int) -> bool:
+        transport.write(reply(reply_code(status), None))
+        return True
+
+    return on_response
+
+
+class Socks5Listener(asyncio.Protocol):
+    """One SOCKS5 client: the handshake; then the connection is `connect`'s."""
+
+    def __init__(self, resolve: Resolve, connect: Connect) -> None:
+        self.resolve = resolve
+        self.connect = connect
+        self.transport: asyncio.Transport | None = None
+        # After the request: bytes the client sent (the transport may deliver a read even
+        # after `pause_reading()`) until the connection is taken over.
+        self.held: list[bytes] = []
+        self.handshake = Socks5Handshake()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+
+    def data_received(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is None:
+            return
+        if self.handshake.done:
+            self.held.append(data)
+            transport.pause_reading()
+            return
+        event = self.handshake.receive_data(data)
+        out = self.handshake.data_to_send()
+        if out:
+            transport.write(out)
+        if isinstance(event, NeedMore):
+            return
+        if isinstance(event, Failed):
+            if event.reply:
+                transport.write(event.reply)
+            transport.close()
+            return
+        assert isinstance(event, ConnectRequested)
+        transport.pause_reading()
+        if event.early_data:
+            self.held.append(event.early_data)
+        host = event.host
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            address = self.resolve(host)
+            if address is None:
+                transport.write(self.handshake.reply(Reply.HOST_UNREACHABLE))
+                transport.close()
+                return
+            host = address
+        peer = transport.get_extra_info("peername")
+        destination = (host, event.port)
+        self.connect(transport, (peer[0], peer[1]), destination, self.held, self.handshake.reply)
