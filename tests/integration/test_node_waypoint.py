@@ -115,15 +115,20 @@ def waypoint_config(*, backed: bool = True, pod_waypoint: bool = False) -> dict[
     return config
 
 
-def deny_waypoint_config() -> dict[str, Any]:
-    policy = {
-        "name": "deny-waypoint",
+def echo_policy(name: str, action: str, match: dict[str, Any]) -> dict[str, Any]:
+    """A policy selecting echo with one rule of one match."""
+    return {
+        "name": name,
         "namespace": "prod",
         "scope": "WorkloadSelector",
-        "action": "Deny",
+        "action": action,
         "dryRun": False,
-        "rules": [[[{"principals": [{"Exact": WAYPOINT_PRINCIPAL}]}]]],
+        "rules": [[[match]]],
     }
+
+
+def deny_waypoint_config() -> dict[str, Any]:
+    policy = echo_policy("deny-waypoint", "Deny", {"principals": [{"Exact": WAYPOINT_PRINCIPAL}]})
     return nodelab.with_policy(nodelab.base_config(), policy, listed_by=[ECHO_UID])
 
 
@@ -417,14 +422,7 @@ def plain_client(wlab_module: WaypointLab) -> Iterator[HboneClient]:
 
 def allow_sleep_ip_config() -> dict[str, Any]:
     """Echo behind the waypoint, and an ALLOW policy on echo naming sleep's address only."""
-    policy = {
-        "name": "allow-sleep-ip",
-        "namespace": "prod",
-        "scope": "WorkloadSelector",
-        "action": "Allow",
-        "dryRun": False,
-        "rules": [[[{"sourceIps": [f"{SLEEP_IP}/32"]}]]],
-    }
+    policy = echo_policy("allow-sleep-ip", "Allow", {"sourceIps": [f"{SLEEP_IP}/32"]})
     return nodelab.with_policy(waypoint_config(), policy, listed_by=[ECHO_UID])
 
 

@@ -147,14 +147,12 @@ def wait_control(plan: Plan, record: state.Process) -> None:
         time.sleep(0.1)
 
 
-def agent_command(plan: Plan, node: Node, capture: bool) -> list[str]:
+def control_plane_flags(plan: Plan, token_name: str) -> list[str]:
+    """How a lab process reaches `ztagent control`: xDS and CA addresses, the root that
+    verifies them, and its token."""
     control = f"{plan.control_ip}:{plan.control_address[1]}"
     root = str((plan.ca_dir / ROOT_CERT).resolve())
-    command = [
-        sys.executable,
-        "-m",
-        "ztagent",
-        "node",
+    return [
         "--xds-address",
         f"https://{control}",
         "--ca-address",
@@ -164,7 +162,17 @@ def agent_command(plan: Plan, node: Node, capture: bool) -> list[str]:
         "--ca-root-ca",
         root,
         "--token-path",
-        str(plan.token_path(node.name).resolve()),
+        str(plan.token_path(token_name).resolve()),
+    ]
+
+
+def agent_command(plan: Plan, node: Node, capture: bool) -> list[str]:
+    command = [
+        sys.executable,
+        "-m",
+        "ztagent",
+        "node",
+        *control_plane_flags(plan, node.name),
         "--pod-name",
         f"ztagent-{node.name}",
         "--pod-namespace",
@@ -190,8 +198,6 @@ def agent_command(plan: Plan, node: Node, capture: bool) -> list[str]:
 def waypoint_command(plan: Plan) -> list[str]:
     """`ztagent waypoint` for the lab's waypoint pod, on the pod's own address."""
     pod = plan.waypoint
-    control = f"{plan.control_ip}:{plan.control_address[1]}"
-    root = str((plan.ca_dir / ROOT_CERT).resolve())
 
     def at(address: tuple[str, int]) -> str:
         return f"{address[0]}:{address[1]}"
@@ -201,16 +207,7 @@ def waypoint_command(plan: Plan) -> list[str]:
         "-m",
         "ztagent",
         "waypoint",
-        "--xds-address",
-        f"https://{control}",
-        "--ca-address",
-        f"https://{control}",
-        "--xds-root-ca",
-        root,
-        "--ca-root-ca",
-        root,
-        "--token-path",
-        str(plan.token_path(pod.key).resolve()),
+        *control_plane_flags(plan, pod.key),
         "--pod-name",
         pod.key,
         "--pod-namespace",
