@@ -398,8 +398,15 @@ def _s_client(port: int, *extra: str, hold: float = 0.0) -> subprocess.Completed
     after the handshake (in TLS 1.3 a client-certificate refusal arrives then)."""
     assert OPENSSL
     cmd = [OPENSSL, "s_client", "-connect", f"127.0.0.1:{port}", "-alpn", "h2", *extra]
+    # s_client prints what the server sends after the handshake (HTTP/2 SETTINGS): binary,
+    # not always valid UTF-8.
     proc = subprocess.Popen(
-        cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        cmd,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        errors="replace",
     )
     try:
         time.sleep(hold)
