@@ -50,12 +50,13 @@ from benchmarks.common import LOOPBACK, Metric, free_port
 from benchmarks.pairs import Launcher, PairFailed, Proc
 from ztagent.control.auth import TOKEN_SIGNING_KEY, TokenSigner
 from ztagent.control.server import DEBOUNCE_AFTER, ControlPlane
-from ztagent.control.sources import Resource, SourceBatch, parse_documents, read_directory
+from ztagent.control.sources import SourceBatch, parse_documents, read_directory
 from ztagent.control.translate import TranslateOptions, translate_resources
 from ztagent.control.xds import ADDRESS_TYPE, AUTHORIZATION_TYPE, DeltaStream, build_resources
 from ztagent.identity.ca import ROOT_CERT, CertificateAuthority
-from ztagent.model.localconfig import ConfigSnapshot
+from ztagent.istio.envelope import Resource
 from ztagent.model.policy import Authorization
+from ztagent.model.snapshot import ConfigSnapshot
 from ztagent.node.xds import (
     ControlPlaneConnection,
     DeltaClient,

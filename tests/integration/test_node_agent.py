@@ -47,8 +47,8 @@ from tests.integration.nodelab import (
     metric_sum,
 )
 from ztagent.identity.ca import CertificateAuthority
+from ztagent.istio.authorization.l4 import strict_peer_authentication
 from ztagent.model.localconfig import parse_local_config
-from ztagent.rbac import strict_peer_authentication
 
 pytestmark = pytest.mark.integration
 

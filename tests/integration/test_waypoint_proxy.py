@@ -32,7 +32,7 @@ from ztagent.hbone.server import HboneServer, allow_authority
 from ztagent.hbone.tls import TlsConfig
 from ztagent.identity.ca import CertificateAuthority
 from ztagent.identity.spiffe import Identity
-from ztagent.model.localconfig import ConfigSnapshot
+from ztagent.model.snapshot import ConfigSnapshot
 from ztagent.model.store import ProxyState
 from ztagent.model.workload import NetworkAddress, Service, TunnelProtocol, Workload
 from ztagent.telemetry.requests import RequestMetrics

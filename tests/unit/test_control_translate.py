@@ -29,10 +29,12 @@ from ztagent.control import (
     translate,
     translate_resources,
 )
-from ztagent.control.sources import Resource
 from ztagent.identity.spiffe import Identity
-from ztagent.model.localconfig import ConfigSnapshot, ObjectError, parse_local_config
+from ztagent.istio.authorization.l4 import ConnectionAttributes, evaluate
+from ztagent.istio.envelope import Resource
+from ztagent.model.localconfig import parse_local_config
 from ztagent.model.policy import Action, Authorization, Scope, StringMatch
+from ztagent.model.snapshot import ConfigSnapshot, ObjectError
 from ztagent.model.workload import (
     GatewayAddress,
     NamespacedHostname,
@@ -40,7 +42,6 @@ from ztagent.model.workload import (
     Workload,
     WorkloadStatus,
 )
-from ztagent.rbac import ConnectionAttributes, evaluate
 
 DATA = Path(__file__).parent.parent / "data" / "control"
 CASES = sorted(p.name for p in DATA.iterdir() if (p / "input").is_dir())

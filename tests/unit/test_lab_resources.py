@@ -12,8 +12,13 @@ import jwt as pyjwt
 import pytest
 import yaml
 
-from ztagent.control.sources import Resource, parse_documents
+from ztagent.control.sources import parse_documents
 from ztagent.control.translate import translate_resources
+from ztagent.istio.authorization.l7 import read_authorization_policies
+from ztagent.istio.destination import parse_destination_rules
+from ztagent.istio.envelope import Resource
+from ztagent.istio.jwt import load_jwks, read_request_authentications
+from ztagent.istio.routes import Headers, Request, ServiceRef, parse_routes
 from ztagent.lab.resources import (
     JWT_AUDIENCE,
     JWT_ISSUER,
@@ -23,10 +28,6 @@ from ztagent.lab.resources import (
 )
 from ztagent.lab.topology import Plan, Settings, make_plan
 from ztagent.model.workload import TunnelProtocol
-from ztagent.waypoint.authz import read_authorization_policies
-from ztagent.waypoint.destination import parse_destination_rules
-from ztagent.waypoint.jwt import load_jwks, read_request_authentications
-from ztagent.waypoint.routes import Headers, Request, ServiceRef, parse_routes
 
 
 @pytest.fixture(scope="module")

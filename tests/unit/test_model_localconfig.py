@@ -12,13 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ztagent.errors import LocalError
-from ztagent.model.localconfig import (
-    ConfigError,
-    ConfigSnapshot,
-    keep_rejected,
-    load_local_config,
-    parse_local_config,
-)
+from ztagent.model.localconfig import ConfigError, load_local_config, parse_local_config
 from ztagent.model.policy import (
     Action,
     CidrMatch,
@@ -27,6 +21,7 @@ from ztagent.model.policy import (
     ServiceAccountMatch,
     StringMatch,
 )
+from ztagent.model.snapshot import ConfigSnapshot, keep_rejected
 from ztagent.model.workload import (
     GatewayAddress,
     NamespacedHostname,

@@ -8,7 +8,8 @@ import textwrap
 import pytest
 
 from ztagent.identity.spiffe import Identity
-from ztagent.model.localconfig import ConfigSnapshot, parse_local_config
+from ztagent.model.localconfig import parse_local_config
+from ztagent.model.snapshot import ConfigSnapshot
 from ztagent.model.store import KeyChanges, ProxyState
 from ztagent.model.workload import GatewayAddress, NetworkAddress, Service, Workload
 

@@ -12,7 +12,7 @@ import pytest
 
 from ztagent.identity.ca import CertificateAuthority
 from ztagent.identity.spiffe import Identity
-from ztagent.model.localconfig import ConfigSnapshot, ObjectError, load_local_config
+from ztagent.model.localconfig import load_local_config
 from ztagent.model.policy import (
     Action,
     Authorization,
@@ -24,6 +24,7 @@ from ztagent.model.policy import (
     ServiceAccountMatch,
     StringMatch,
 )
+from ztagent.model.snapshot import ConfigSnapshot, ObjectError
 from ztagent.model.store import ProxyState
 from ztagent.model.workload import (
     GatewayAddress,

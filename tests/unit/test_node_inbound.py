@@ -21,7 +21,7 @@ from tests.unit.test_node_routing import (
 )
 from ztagent.hbone.server import InboundRequest
 from ztagent.identity.spiffe import Identity
-from ztagent.model.localconfig import ConfigSnapshot
+from ztagent.model.snapshot import ConfigSnapshot
 from ztagent.model.store import ProxyState
 from ztagent.model.workload import NetworkAddress, Service, Workload
 from ztagent.node.inbound import client_address

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import pytest
 
 from ztagent.identity.spiffe import Identity
-from ztagent.model.localconfig import ConfigSnapshot
+from ztagent.model.snapshot import ConfigSnapshot
 from ztagent.model.store import ProxyState
 from ztagent.model.workload import (
     GatewayAddress,

@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 import yaml
 
+from ztagent.istio.routes import ServiceRef
 from ztagent.model.workload import Workload
 from ztagent.waypoint.config import ServicePort, WaypointConfig, build_config, select_protocol
-from ztagent.waypoint.routes import ServiceRef
 
 OBJECTS = """
 apiVersion: v1

@@ -4,14 +4,7 @@
 `ConfigSnapshot` of workloads, services and L4 policies the node agent enforces.
 """
 
-from ztagent.control.sources import (
-    Resource,
-    ResourceError,
-    SourceBatch,
-    parse_documents,
-    read_directory,
-    read_file,
-)
+from ztagent.control.sources import SourceBatch, parse_documents, read_directory, read_file
 from ztagent.control.translate import (
     TranslateOptions,
     Translation,
@@ -19,6 +12,7 @@ from ztagent.control.translate import (
     translate,
     translate_resources,
 )
+from ztagent.istio.envelope import Resource, ResourceError
 
 __all__ = [
     "Resource",

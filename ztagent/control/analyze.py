@@ -39,12 +39,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from ztagent.control.sources import Resource, ResourceError, read_directory
+from ztagent.control.sources import read_directory
 from ztagent.control.translate import TranslateOptions, translate_resources
 from ztagent.control.xds import waypoint_resources
 from ztagent.errors import LocalError
+from ztagent.istio.authorization.l4 import STATIC_STRICT_POLICY_NAME
+from ztagent.istio.envelope import Resource, ResourceError
 from ztagent.model.workload import TunnelProtocol, Workload
-from ztagent.rbac import STATIC_STRICT_POLICY_NAME
 
 Level = Literal["Error", "Warning", "Info"]
 _LEVEL_ORDER = {"Error": 0, "Warning": 1, "Info": 2}

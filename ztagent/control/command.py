@@ -11,7 +11,7 @@ from pathlib import Path
 from ztagent.control.translate import DEFAULT_CLUSTER_ID, DEFAULT_DOMAIN_SUFFIX
 from ztagent.errors import LocalError
 from ztagent.identity.spiffe import DEFAULT_TRUST_DOMAIN
-from ztagent.rbac import DEFAULT_ROOT_NAMESPACE
+from ztagent.istio.authorization.l4 import DEFAULT_ROOT_NAMESPACE
 
 DEFAULT_CA_DIR = "/var/lib/ztagent/control-ca"
 DEFAULT_TRUSTED_NODE_AGENTS = "istio-system/ztunnel,ztagent-system/ztagent"

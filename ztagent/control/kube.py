@@ -53,9 +53,10 @@ from ztagent.control.auth import (
     Caller,
     service_account_identity,
 )
-from ztagent.control.sources import Resource, ResourceError, SourceBatch
+from ztagent.control.sources import SourceBatch
 from ztagent.errors import LocalError
 from ztagent.identity.spiffe import DEFAULT_TRUST_DOMAIN
+from ztagent.istio.envelope import Resource, ResourceError
 
 log = logging.getLogger(__name__)
 

@@ -34,12 +34,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 from ztagent.control.auth import TOKEN_SIGNING_KEY, Authenticator, TokenSigner
 from ztagent.control.ca import CaPolicy, CertificateRefused, CertificateService
-from ztagent.control.sources import (
-    DirectorySource,
-    Resource,
-    ResourceError,
-    SourceBatch,
-)
+from ztagent.control.sources import DirectorySource, SourceBatch
 from ztagent.control.translate import TranslateOptions, to_local_config, translate_resources
 from ztagent.control.xds import (
     ADDRESS_TYPE,
@@ -56,7 +51,8 @@ from ztagent.control.xds import (
 from ztagent.errors import LocalError
 from ztagent.identity.ca import CertificateAuthority
 from ztagent.identity.spiffe import Identity
-from ztagent.model.localconfig import ConfigSnapshot, ObjectError
+from ztagent.istio.envelope import Resource, ResourceError
+from ztagent.model.snapshot import ConfigSnapshot, ObjectError
 from ztagent.telemetry.http import Handler, HttpServer, Request, Response
 from ztagent.telemetry.metrics import CONTENT_TYPE
 from ztagent.xds.gen.envoy.service.discovery.v3 import discovery_pb2 as ads

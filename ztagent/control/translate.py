@@ -39,8 +39,9 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ztagent.control.sources import Resource, ResourceError
 from ztagent.identity.spiffe import DEFAULT_TRUST_DOMAIN, Identity, InvalidIdentity
+from ztagent.istio.authorization.l4 import DEFAULT_ROOT_NAMESPACE, STATIC_STRICT_POLICY_NAME
+from ztagent.istio.envelope import Resource, ResourceError
 from ztagent.model.fields import Invalid, show
 from ztagent.model.fields import at as _at
 from ztagent.model.fields import kube_type_name as _type_name
@@ -50,7 +51,6 @@ from ztagent.model.fields import only as _only
 from ztagent.model.fields import sequence as _list
 from ztagent.model.fields import string as _str
 from ztagent.model.fields import strings as _strings
-from ztagent.model.localconfig import ConfigSnapshot
 from ztagent.model.policy import (
     Action,
     Authorization,
@@ -62,6 +62,7 @@ from ztagent.model.policy import (
     ServiceAccountMatch,
     StringMatch,
 )
+from ztagent.model.snapshot import ConfigSnapshot
 from ztagent.model.workload import (
     HBONE_MTLS_PORT,
     GatewayAddress,
@@ -73,7 +74,6 @@ from ztagent.model.workload import (
     Workload,
     WorkloadStatus,
 )
-from ztagent.rbac import DEFAULT_ROOT_NAMESPACE, STATIC_STRICT_POLICY_NAME
 
 log = logging.getLogger(__name__)
 

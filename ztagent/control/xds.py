@@ -45,11 +45,12 @@ from typing import Any
 from google.protobuf.any_pb2 import Any as AnyMessage
 from google.protobuf.message import Message
 
-from ztagent.control.sources import Resource, ResourceError
 from ztagent.control.translate import WAYPOINT_CLASS, TranslateOptions
+from ztagent.istio import destination, jwt, routes
+from ztagent.istio.authorization import l7 as authz
+from ztagent.istio.envelope import Resource, ResourceError
 from ztagent.model.fields import Invalid, join, show
-from ztagent.model.localconfig import ConfigSnapshot
-from ztagent.waypoint import authz, destination, jwt, routes
+from ztagent.model.snapshot import ConfigSnapshot
 from ztagent.xds import convert
 from ztagent.xds.gen.envoy.service.discovery.v3 import discovery_pb2 as ads
 

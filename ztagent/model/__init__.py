@@ -5,13 +5,7 @@
 `watch` keeps the store in step with the file.
 """
 
-from ztagent.model.localconfig import (
-    ConfigError,
-    ConfigSnapshot,
-    ObjectError,
-    load_local_config,
-    parse_local_config,
-)
+from ztagent.model.localconfig import ConfigError, load_local_config, parse_local_config
 from ztagent.model.policy import (
     Action,
     Authorization,
@@ -23,6 +17,7 @@ from ztagent.model.policy import (
     ServiceAccountMatch,
     StringMatch,
 )
+from ztagent.model.snapshot import ConfigSnapshot, ObjectError
 from ztagent.model.store import KeyChanges, ProxyState, StateChange
 from ztagent.model.workload import (
     GatewayAddress,

@@ -3,7 +3,8 @@
 istiod translates each AuthorizationPolicy (and PeerAuthentication) into one `Authorization`:
 rules are ORed, the clauses of a rule ANDed, the matches of a clause ORed; inside one `Match`
 every field that is set must hold. This module owns those values and the leaf tests (string,
-CIDR and service-account matching); combining them into a verdict is `ztagent.rbac`'s job.
+CIDR and service-account matching); combining them into a verdict is
+`ztagent.istio.authorization.l4`'s job.
 No I/O.
 """
 

@@ -13,8 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ztagent.identity.spiffe import Identity
-from ztagent.model.localconfig import ConfigSnapshot
 from ztagent.model.policy import Authorization, Scope
+from ztagent.model.snapshot import ConfigSnapshot
 from ztagent.model.workload import (
     GatewayAddress,
     IPAddress,

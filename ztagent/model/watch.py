@@ -23,12 +23,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from ztagent.identity.spiffe import DEFAULT_TRUST_DOMAIN
-from ztagent.model.localconfig import (
-    ConfigError,
-    ConfigSnapshot,
-    keep_rejected,
-    parse_local_config,
-)
+from ztagent.model.localconfig import ConfigError, parse_local_config
+from ztagent.model.snapshot import ConfigSnapshot, keep_rejected
 from ztagent.model.store import ProxyState, StateChange
 
 log = logging.getLogger(__name__)

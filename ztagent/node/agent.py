@@ -1,7 +1,7 @@
 """The node agent: the workload model, certificates, listeners, policy and telemetry, wired.
 
 This module owns the wiring and the asyncio lifecycle. Decisions live elsewhere and are pure:
-routing in `routing.py`, authorization in `ztagent.rbac`, the HTTP/2 tunnel in
+routing in `routing.py`, authorization in `ztagent.istio.authorization.l4`, the HTTP/2 tunnel in
 `ztagent.hbone`, metrics and logs in `ztagent.telemetry`.
 """
 
@@ -29,7 +29,8 @@ from ztagent.identity.ca import CertificateAuthority
 from ztagent.identity.certs import WorkloadCertificate
 from ztagent.identity.manager import CertificateManager
 from ztagent.identity.spiffe import Identity
-from ztagent.model.localconfig import ConfigSnapshot
+from ztagent.istio.authorization.l4 import ConnectionAttributes, Verdict, evaluate
+from ztagent.model.snapshot import ConfigSnapshot
 from ztagent.model.store import ProxyState, StateChange
 from ztagent.model.watch import ConfigWatcher
 from ztagent.model.workload import TunnelProtocol, Workload
@@ -41,7 +42,6 @@ from ztagent.node.relay import PlainRelay
 from ztagent.node.routing import RoundRobin
 from ztagent.node.settings import WORKLOADS, NodeSettings
 from ztagent.node.xds import CaClient, ControlPlaneConnection, XdsClient, node_identity
-from ztagent.rbac import ConnectionAttributes, Verdict, evaluate
 from ztagent.redirect import Capture
 from ztagent.redirect.checks import check_all
 from ztagent.socks5.handshake import Reply

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 from ztagent.hbone.frames import format_authority
 from ztagent.hbone.server import InboundRequest
+from ztagent.istio.authorization.l4 import ConnectionAttributes, Verdict, evaluate
 from ztagent.model.store import ProxyState
 from ztagent.model.workload import Workload
-from ztagent.rbac import ConnectionAttributes, Verdict, evaluate
 from ztagent.telemetry.accesslog import ConnectionRecord
 from ztagent.telemetry.metrics import ConnectionLabels, ResponseFlags, connection_labels
 

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 from ztagent.hbone.client import Tunnel
 from ztagent.hbone.frames import format_authority
+from ztagent.istio.authorization.l4 import ConnectionAttributes, Verdict, evaluate
 from ztagent.model.store import ProxyState
 from ztagent.model.workload import Workload
 from ztagent.node.routing import Pick, Route, RouteKind, route_outbound
-from ztagent.rbac import ConnectionAttributes, Verdict, evaluate
 from ztagent.telemetry.accesslog import ConnectionRecord
 from ztagent.telemetry.metrics import ConnectionLabels, ResponseFlags, connection_labels
 

@@ -39,8 +39,8 @@ from ztagent.identity.certs import WorkloadCertificate
 from ztagent.identity.keys import create_csr, generate_key, key_to_pem
 from ztagent.identity.spiffe import Identity
 from ztagent.model.fields import Invalid
-from ztagent.model.localconfig import ConfigSnapshot
 from ztagent.model.policy import Authorization
+from ztagent.model.snapshot import ConfigSnapshot
 from ztagent.model.workload import Service, Workload
 from ztagent.xds import convert
 from ztagent.xds.gen.envoy.config.core.v3 import base_pb2

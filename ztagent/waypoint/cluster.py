@@ -14,18 +14,18 @@ import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from ztagent.model.store import ProxyState
-from ztagent.model.workload import Service, Workload
-from ztagent.waypoint.balancer import Balancer, HashInput, new_balancer
-from ztagent.waypoint.config import WaypointConfig
-from ztagent.waypoint.destination import (
+from ztagent.istio.balancer import Balancer, HashInput, new_balancer
+from ztagent.istio.destination import (
     DEFAULT_POLICY,
     ConnectionPool,
     EffectivePolicy,
     rule_for_host,
 )
-from ztagent.waypoint.outlier import LocalOrigin, OutlierDetector
-from ztagent.waypoint.routes import Request
+from ztagent.istio.outlier import LocalOrigin, OutlierDetector
+from ztagent.istio.routes import Request
+from ztagent.model.store import ProxyState
+from ztagent.model.workload import Service, Workload
+from ztagent.waypoint.config import WaypointConfig
 
 log = logging.getLogger(__name__)
 

@@ -24,13 +24,17 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ztagent.control.sources import Resource, ResourceError, envelope
+from ztagent.istio.authorization.l7 import (
+    DEFAULT_ROOT_NAMESPACE,
+    AuthzConfig,
+    read_authorization_policies,
+)
+from ztagent.istio.destination import DestinationRules, parse_destination_rules
+from ztagent.istio.envelope import Resource, ResourceError, envelope
+from ztagent.istio.jwt import JwtConfig, read_request_authentications
+from ztagent.istio.routes import RouteConfig, RouteOptions, parse_routes
 from ztagent.model.fields import join, show
 from ztagent.model.workload import Workload
-from ztagent.waypoint.authz import DEFAULT_ROOT_NAMESPACE, AuthzConfig, read_authorization_policies
-from ztagent.waypoint.destination import DestinationRules, parse_destination_rules
-from ztagent.waypoint.jwt import JwtConfig, read_request_authentications
-from ztagent.waypoint.routes import RouteConfig, RouteOptions, parse_routes
 
 DEFAULT_DOMAIN_SUFFIX = "cluster.local"
 SOURCE = "xds"

@@ -29,17 +29,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ztagent.identity.spiffe import Identity
+from ztagent.istio import jwt, routes
+from ztagent.istio.authorization import l7 as authz
+from ztagent.istio.destination import DEFAULT_POLICY, ConnectionPool, Overflow
+from ztagent.istio.outlier import LocalOrigin
+from ztagent.istio.resilience import Failure, RetryPolicy
+from ztagent.istio.routes import Headers, Request, RouteChoice, ServiceRef, SourceInfo
 from ztagent.model.store import ProxyState
 from ztagent.model.workload import Service, Workload
 from ztagent.telemetry.tracing import Span
-from ztagent.waypoint import authz, jwt, routes
 from ztagent.waypoint.cluster import Cluster, Clusters, Endpoint, UpstreamKey
 from ztagent.waypoint.config import WaypointConfig
-from ztagent.waypoint.destination import DEFAULT_POLICY, ConnectionPool, Overflow
 from ztagent.waypoint.http import RequestHead
-from ztagent.waypoint.outlier import LocalOrigin
-from ztagent.waypoint.resilience import Failure, RetryPolicy
-from ztagent.waypoint.routes import Headers, Request, RouteChoice, ServiceRef, SourceInfo
 
 log = logging.getLogger(__name__)
 

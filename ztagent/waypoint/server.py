@@ -15,7 +15,7 @@ from ztagent.hbone.frames import format_authority
 from ztagent.hbone.server import HboneServer
 from ztagent.hbone.tls import TlsConfig
 from ztagent.identity.manager import CertificateManager
-from ztagent.model.localconfig import ConfigSnapshot
+from ztagent.model.snapshot import ConfigSnapshot
 from ztagent.model.store import ProxyState
 from ztagent.node.xds import CaClient, ControlPlaneConnection, XdsClient, node_identity
 from ztagent.telemetry.admin import (

@@ -17,8 +17,8 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from ztagent.istio.destination import ConnectionPool, Overflow
 from ztagent.waypoint.cluster import UpstreamKey
-from ztagent.waypoint.destination import ConnectionPool, Overflow
 from ztagent.waypoint.http import (
     Body,
     Http1Client,

@@ -13,9 +13,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
-from ztagent.control.sources import Resource
-from ztagent.waypoint.authz import Headers, RequestContext, evaluate, parse_authorization_policy
-from ztagent.waypoint.jwt import (
+from ztagent.istio.authorization.l7 import (
+    Headers,
+    RequestContext,
+    evaluate,
+    parse_authorization_policy,
+)
+from ztagent.istio.envelope import Resource
+from ztagent.istio.jwt import (
     CLOCK_SKEW_SECONDS,
     Authenticator,
     JwksError,

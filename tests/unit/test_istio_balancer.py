@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ztagent.waypoint.balancer import (
+from ztagent.istio.balancer import (
     Algorithm,
     Balancer,
     ConsistentHash,

@@ -49,15 +49,7 @@ from typing import Any
 import jwt as pyjwt
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from ztagent.control.sources import Resource, ResourceError
-from ztagent.model.fields import Invalid, show, type_name
-from ztagent.model.fields import at as _at
-from ztagent.model.fields import mapping as _map
-from ztagent.model.fields import only as _only
-from ztagent.model.fields import sequence as _list
-from ztagent.model.fields import string as _str
-from ztagent.model.fields import strings as _strings
-from ztagent.waypoint.authz import (
+from ztagent.istio.authorization.l7 import (
     API_VERSIONS,
     DEFAULT_ROOT_NAMESPACE,
     RequestAuth,
@@ -65,6 +57,14 @@ from ztagent.waypoint.authz import (
     read_target_refs,
     resource_error,
 )
+from ztagent.istio.envelope import Resource, ResourceError
+from ztagent.model.fields import Invalid, show, type_name
+from ztagent.model.fields import at as _at
+from ztagent.model.fields import mapping as _map
+from ztagent.model.fields import only as _only
+from ztagent.model.fields import sequence as _list
+from ztagent.model.fields import string as _str
+from ztagent.model.fields import strings as _strings
 
 API_GROUP = "security.istio.io"
 KIND = "RequestAuthentication"

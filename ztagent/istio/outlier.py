@@ -31,7 +31,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
-from ztagent.waypoint.balancer import EndpointLike
+from ztagent.istio.balancer import EndpointLike
 
 DEFAULT_CONSECUTIVE_5XX_ERRORS = 5
 DEFAULT_CONSECUTIVE_LOCAL_ORIGIN_FAILURES = 5

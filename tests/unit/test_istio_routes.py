@@ -19,8 +19,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ztagent.control.sources import parse_documents
-from ztagent.waypoint.resilience import DEFAULT_RETRY_POLICY, FaultPolicy, RetryPolicy
-from ztagent.waypoint.routes import (
+from ztagent.istio.resilience import DEFAULT_RETRY_POLICY, FaultPolicy, RetryPolicy
+from ztagent.istio.routes import (
     MATCH_ALL,
     Destination,
     DirectResponse,

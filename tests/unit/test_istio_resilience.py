@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ztagent.waypoint.resilience import (
+from ztagent.istio.resilience import (
     DEFAULT_RETRY_POLICY,
     NO_FAULT,
     Failure,

@@ -2,7 +2,7 @@
 
 This module owns reading AuthorizationPolicy resources that belong to a waypoint, what a request
 looks like to policy (`RequestContext`), and the decision (`evaluate`). It does not own JWT
-validation (`ztagent.waypoint.jwt` produces the `RequestAuth` a context carries), path
+validation (`ztagent.istio.jwt` produces the `RequestAuth` a context carries), path
 normalization (the proxy normalizes once, for routing and policy alike) or sending the 403.
 
 Which policies are the waypoint's (as istiod decides for ambient):
@@ -25,7 +25,8 @@ AUDIT policies never change the decision; a match sets `Decision.audited`. Dry-r
 that matched and `dry_run_allowed` is what the decision would have been with them enforced.
 A denied request gets Istio's answer: 403 with body `RBAC: access denied`.
 
-Matching (the same structure as `ztagent.rbac`, with its string and CIDR tests reused):
+Matching (the same structure as `ztagent.istio.authorization.l4`, with its string and CIDR
+tests reused):
   - rules are ORed, a policy without rules matches nothing; a rule `{}` matches everything;
   - in a rule, `from`, `to` and every `when` condition must hold; `from` holds when any of its
     sources holds, `to` when any of its operations holds;
@@ -56,8 +57,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Protocol, TypeVar
 
-from ztagent.control.sources import Resource, ResourceError
 from ztagent.identity.spiffe import Identity
+from ztagent.istio.envelope import Resource, ResourceError
 from ztagent.model.fields import Invalid, show
 from ztagent.model.fields import at as _at
 from ztagent.model.fields import mapping as _map
@@ -123,7 +124,7 @@ class Headers:
 
 @dataclass(frozen=True, slots=True)
 class RequestAuth:
-    """A request's validated JWT, as `ztagent.waypoint.jwt` reports it."""
+    """A request's validated JWT, as `ztagent.istio.jwt` reports it."""
 
     claims: Mapping[str, Any]
 

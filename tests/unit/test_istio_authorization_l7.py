@@ -11,9 +11,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ztagent.control.sources import Resource
 from ztagent.identity.spiffe import Identity
-from ztagent.waypoint.authz import (
+from ztagent.istio.authorization.l7 import (
     DENIED_BODY,
     DENIED_STATUS,
     Action,
@@ -28,6 +27,7 @@ from ztagent.waypoint.authz import (
     read_authorization_policies,
     strip_query,
 )
+from ztagent.istio.envelope import Resource
 
 ip = ipaddress.ip_address
 WAYPOINT = {"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": "waypoint"}

@@ -68,9 +68,8 @@ from fractions import Fraction
 from typing import Any
 from urllib.parse import unquote
 
-from ztagent.control.sources import Resource, ResourceError
-from ztagent.model.fields import Invalid, join, show, type_name
-from ztagent.waypoint.resilience import (
+from ztagent.istio.envelope import Resource, ResourceError
+from ztagent.istio.resilience import (
     DEFAULT_RETRY_POLICY,
     FaultPolicy,
     GrpcStatus,
@@ -80,6 +79,7 @@ from ztagent.waypoint.resilience import (
     draw,
     retry_policy,
 )
+from ztagent.model.fields import Invalid, join, show, type_name
 
 log = logging.getLogger(__name__)
 

@@ -8,6 +8,14 @@ import textwrap
 import pytest
 
 from ztagent.identity.spiffe import Identity
+from ztagent.istio.authorization.l4 import (
+    STATIC_STRICT_POLICY_NAME,
+    ConnectionAttributes,
+    Verdict,
+    evaluate,
+    policy_matches,
+    strict_peer_authentication,
+)
 from ztagent.model.localconfig import parse_local_config
 from ztagent.model.policy import (
     Action,
@@ -21,14 +29,6 @@ from ztagent.model.policy import (
     StringMatch,
 )
 from ztagent.model.store import ProxyState
-from ztagent.rbac import (
-    STATIC_STRICT_POLICY_NAME,
-    ConnectionAttributes,
-    Verdict,
-    evaluate,
-    policy_matches,
-    strict_peer_authentication,
-)
 
 ip = ipaddress.ip_address
 

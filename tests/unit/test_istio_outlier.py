@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ztagent.waypoint.balancer import Endpoint
-from ztagent.waypoint.outlier import (
+from ztagent.istio.balancer import Endpoint
+from ztagent.istio.outlier import (
     Ejection,
     EjectionCause,
     LocalOrigin,

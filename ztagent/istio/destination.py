@@ -40,15 +40,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
-from ztagent.control.sources import Resource, ResourceError
-from ztagent.model.fields import Invalid, show
-from ztagent.model.fields import at as _at
-from ztagent.model.fields import kube_type_name as _type_name
-from ztagent.model.fields import mapping as _map
-from ztagent.model.fields import only as _only
-from ztagent.model.fields import sequence as _list
-from ztagent.model.fields import string as _str
-from ztagent.waypoint.balancer import (
+from ztagent.istio.balancer import (
     DEFAULT_MINIMUM_RING_SIZE,
     Algorithm,
     ConsistentHash,
@@ -56,13 +48,21 @@ from ztagent.waypoint.balancer import (
     HashSource,
     LoadBalancerSettings,
 )
-from ztagent.waypoint.outlier import (
+from ztagent.istio.envelope import Resource, ResourceError
+from ztagent.istio.outlier import (
     DEFAULT_BASE_EJECTION_TIME,
     DEFAULT_CONSECUTIVE_5XX_ERRORS,
     DEFAULT_INTERVAL,
     DEFAULT_MAX_EJECTION_PERCENT,
     OutlierDetection,
 )
+from ztagent.model.fields import Invalid, show
+from ztagent.model.fields import at as _at
+from ztagent.model.fields import kube_type_name as _type_name
+from ztagent.model.fields import mapping as _map
+from ztagent.model.fields import only as _only
+from ztagent.model.fields import sequence as _list
+from ztagent.model.fields import string as _str
 
 log = logging.getLogger(__name__)
 

@@ -8,15 +8,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ztagent.control.sources import Resource, parse_documents
-from ztagent.waypoint.balancer import (
+from ztagent.control.sources import parse_documents
+from ztagent.istio.balancer import (
     Algorithm,
     ConsistentHash,
     Endpoint,
     HashSource,
     LoadBalancerSettings,
 )
-from ztagent.waypoint.destination import (
+from ztagent.istio.destination import (
     ADMITTED,
     DEFAULT_POLICY,
     UNLIMITED,
@@ -34,7 +34,8 @@ from ztagent.waypoint.destination import (
     rule_for_host,
     subset_endpoints,
 )
-from ztagent.waypoint.outlier import OutlierDetection
+from ztagent.istio.envelope import Resource
+from ztagent.istio.outlier import OutlierDetection
 
 GOLDEN = """
 apiVersion: networking.istio.io/v1
