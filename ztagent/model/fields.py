@@ -1,14 +1,19 @@
-"""Reading fields of untrusted configuration: the error type and the wording of messages.
+"""Reading fields of untrusted configuration: the error type, the wording of messages, and the
+one reader of each kind of field (mappings, lists, strings, labels, integers, ports, addresses,
+CIDR blocks, Go/protobuf durations).
 
-Shared by the ztunnel local-config loader and the Kubernetes/Istio translation, so a bad value
-is reported the same way wherever it comes from.
+The only field-reader module: the ztunnel local-config loader, the xDS converter and every
+reader of an Istio or Kubernetes kind use it, so a bad value is reported the same way wherever it
+comes from and one text is never read two ways.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 from collections.abc import Iterable, Mapping
+from fractions import Fraction
 from typing import Any
 
 
@@ -131,3 +136,115 @@ def strings(value: object, path: str) -> list[str]:
             raise Invalid(at(path, i), "must not be empty")
         out.append(item)
     return out
+
+
+# --- numbers, ports, addresses and durations -----------------------------------------------------
+
+
+def integer(value: object, path: str, low: int, high: int) -> int:
+    """An integer in `low..high` (a boolean is not an integer)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise Invalid(path, f"must be an integer, got {kube_type_name(value)}")
+    if not low <= value <= high:
+        raise Invalid(path, f"{value} is not in {low}-{high}")
+    return value
+
+
+def number(value: object, path: str, low: float, high: float) -> float:
+    """A number (integer or float) in `low..high`."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise Invalid(path, f"must be a number, got {kube_type_name(value)}")
+    result = float(value)
+    if not low <= result <= high:
+        raise Invalid(path, f"{show(value)} is not in {low:g}-{high:g}")
+    return result
+
+
+def port(value: object, path: str, *, low: int = 1) -> int:
+    """A port number, `low..65535`: an integer, or a string of ASCII digits as protobuf's JSON
+    mapping accepts for integer fields (`"8080"`); full-width or other Unicode digits are not
+    digits here, so one text is never read two ways."""
+    result: int | None = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        result = value
+    elif isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 5:
+        result = int(value)
+    if result is None or not low <= result <= 65535:
+        raise Invalid(path, f"{show(value)} is not a port number ({low}-65535)")
+    return result
+
+
+def ip(value: object, path: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """An IPv4 or IPv6 address string."""
+    if not isinstance(value, str):
+        raise Invalid(path, f"must be an IP address string, got {kube_type_name(value)}")
+    try:
+        return ipaddress.ip_address(value)
+    except ValueError:
+        raise Invalid(path, f"{show(value)} is not an IP address") from None
+
+
+def cidr(value: object, path: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """An address or CIDR block (`10.0.0.1`, `10.0.0.0/8`), host bits allowed as Istio does."""
+    if not isinstance(value, str):
+        raise Invalid(path, f"must be an IP or CIDR string, got {kube_type_name(value)}")
+    try:
+        return ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        raise Invalid(path, f"{show(value)} is not an IP address or CIDR block") from None
+
+
+_GO_DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(ns|us|µs|μs|ms|s|m|h)")
+_NANOS_PER_UNIT = {
+    "ns": 1,
+    "us": 1_000,
+    "µs": 1_000,  # U+00B5 MICRO SIGN, as Go accepts
+    "μs": 1_000,  # U+03BC GREEK SMALL LETTER MU, as Go accepts
+    "ms": 1_000_000,
+    "s": 1_000_000_000,
+    "m": 60_000_000_000,
+    "h": 3_600_000_000_000,
+}
+
+
+def parse_go_duration(text: str) -> Fraction:
+    """Seconds in a Go duration (`time.ParseDuration`: "1.5s", "100ms", "1h30m", "0"), which
+    is also the protobuf JSON form ("1.5s") Istio's durations use. ASCII digits only; a `+`
+    sign is allowed as in Go, a `-` is not (no duration we read can be negative).
+    Raises ValueError with a short reason."""
+    body = text[1:] if text[:1] == "+" else text
+    if body == "0":
+        return Fraction(0)
+    if not body:
+        raise ValueError("empty duration")
+    total = Fraction(0)
+    position = 0
+    while position < len(body):
+        match = _GO_DURATION_PART.match(body, position)
+        if match is None:
+            raise ValueError(f"invalid duration {text[:40]!r}")
+        total += Fraction(match[1]) * _NANOS_PER_UNIT[match[2]]
+        position = match.end()
+    return total / 1_000_000_000
+
+
+def duration(value: object, path: str, *, minimum: Fraction = Fraction(1, 1000)) -> float:
+    """A duration field as Istio validates one (`ValidateDuration`: at least 1ms and whole
+    milliseconds, unless `minimum` says otherwise), in seconds."""
+    if not isinstance(value, str):
+        raise Invalid(path, f'must be a duration string such as "1s", got {kube_type_name(value)}')
+    try:
+        seconds = parse_go_duration(value.strip())
+    except ValueError:
+        raise Invalid(path, f"{show(value)} is not a duration (such as 1s, 0.5s, 100ms)") from None
+    if seconds < minimum:
+        raise Invalid(path, f"{show(value)}: a duration must be at least {_show_seconds(minimum)}")
+    if (seconds * 1000).denominator != 1:
+        raise Invalid(path, f"{show(value)}: only whole milliseconds are supported")
+    return float(seconds)
+
+
+def _show_seconds(seconds: Fraction) -> str:
+    if seconds < 1:
+        return f"{float(seconds * 1000):g}ms"
+    return f"{float(seconds):g}s"
