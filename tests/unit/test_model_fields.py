@@ -24,7 +24,9 @@ def test_port_reads_integers_and_ascii_digit_strings(value: object, expected: in
     assert port(value, "p") == expected
 
 
-@pytest.mark.parametrize("value", [0, 65536, -1, True, "\uff18\uff10", "80a", "", "123456", 8.0, None])
+@pytest.mark.parametrize(
+    "value", [0, 65536, -1, True, "\uff18\uff10", "80a", "", "123456", 8.0, None]
+)
 def test_port_refuses_everything_else(value: object) -> None:
     with pytest.raises(Invalid, match="is not a port number"):
         port(value, "spec.port")
