@@ -130,11 +130,13 @@ def test_node_agent_security_settings(
         "btf": "/sys/kernel/btf",
         "lib-modules": "/lib/modules",
         "usr-src": "/usr/src",
+        "run": "/var/run/ztagent",
     }
     for name, path in host.items():
         assert mounts[name]["mountPath"] == path
-        # Only bpffs is writable (the place for pinned maps); the rest of the host is read-only.
-        assert mounts[name].get("readOnly", False) is (name != "bpffs")
+        # Only bpffs (pinned maps) and run (the handover socket) are writable; the rest of the
+        # host is read-only.
+        assert mounts[name].get("readOnly", False) is (name not in ("bpffs", "run"))
     for name in ("istio-token", "root-cert"):
         assert mounts[name]["readOnly"] is True
 
@@ -151,7 +153,14 @@ def test_node_agent_security_settings(
     assert {"operator": "Exists", "effect": "NoExecute"} in tolerations
     assert {"key": "CriticalAddonsOnly", "operator": "Exists"} in tolerations
     strategy = ds["spec"]["updateStrategy"]
-    assert strategy == {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1}}
+    # Hitless upgrade: the new pod beside the old one, taking over through the handover socket.
+    assert strategy == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+    }
+    assert "--handover-socket=/var/run/ztagent/handover.sock" in container["args"]
+    # On the host network, declared ports are host ports: a surge pod could not be scheduled.
+    assert "ports" not in container
     for kind in ("requests", "limits"):
         assert set(container["resources"][kind]) == {"cpu", "memory"}
 

@@ -57,11 +57,12 @@ def _lab_command() -> list[str]:
 
 
 def lab(
-    directory: Path, action: str, timeout: float = COMMAND_TIMEOUT
+    directory: Path, action: str, *arguments: str, timeout: float = COMMAND_TIMEOUT
 ) -> subprocess.CompletedProcess[str]:
     command = [
         *_lab_command(),
         action,
+        *arguments,
         "--prefix",
         PREFIX,
         "--pod-cidr",
@@ -663,3 +664,218 @@ def test_control_plane_policy_edits_outage_and_bad_files(lab_dir: Path) -> None:
     assert wait_until(lambda: not refused(sleep, b_echo, "/allowed-again"), 5.0, 0.1)
     log = plan.log_path("node-a").read_text(errors="replace")
     assert "keeping the last config, reconnecting" in log, log[-3000:]
+
+
+# --------------------------------------------------------------------------- hitless upgrade
+
+UPGRADE_CONNECTIONS = 100
+TRANSFER_BYTES = 256 * 1024 * 1024
+CHUNK = 1024 * 1024
+
+
+class LineEcho:
+    """A TCP server in a pod's namespace that echoes every line on every connection it holds."""
+
+    def __init__(self, pod_netns: str, address: tuple[str, int]) -> None:
+        def bind() -> socket.socket:
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+            sock.listen(256)
+            sock.settimeout(0.2)
+            return sock
+
+        self.sock = netns.run_in(pod_netns, bind)
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._accept = threading.Thread(target=self._serve, daemon=True)
+        self._accept.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            thread = threading.Thread(target=self._echo, args=(conn,), daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def _echo(self, conn: socket.socket) -> None:
+        with conn, conn.makefile("rb") as lines:
+            conn.settimeout(60.0)
+            try:
+                for line in lines:
+                    conn.sendall(line)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self._stop.set()
+        self._accept.join(5.0)
+        self.sock.close()
+
+
+class HashSink:
+    """Accepts one connection in a pod's namespace, hashes everything until EOF, then answers
+    with the byte count and the SHA-256."""
+
+    def __init__(self, pod_netns: str, address: tuple[str, int]) -> None:
+        def bind() -> socket.socket:
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+            sock.listen(1)
+            sock.settimeout(120.0)
+            return sock
+
+        self.sock = netns.run_in(pod_netns, bind)
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        try:
+            conn, _ = self.sock.accept()
+        except OSError:
+            return
+        with conn:
+            conn.settimeout(120.0)
+            digest, count = hashlib.sha256(), 0
+            try:
+                while data := conn.recv(CHUNK):
+                    digest.update(data)
+                    count += len(data)
+                conn.sendall(f"{count} {digest.hexdigest()}".encode())
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.sock.close()
+        self._thread.join(5.0)
+
+
+def connect_from(pod_netns: str, address: tuple[str, int]) -> socket.socket:
+    def run() -> socket.socket:
+        sock = socket.create_connection(address, timeout=10.0)
+        sock.settimeout(10.0)
+        return sock
+
+    return netns.run_in(pod_netns, run, 30.0)
+
+
+def round_trip(sock: socket.socket, line: bytes) -> bytes:
+    sock.sendall(line)
+    answer = b""
+    while not answer.endswith(b"\n"):
+        data = sock.recv(4096)
+        if not data:
+            break
+        answer += data
+    return answer
+
+
+def listening_pids(node_netns: str, port: int) -> set[int]:
+    """Pids with a TCP listener on `port` in the node's namespace (from `ss`)."""
+    out = subprocess.run(
+        ["ip", "netns", "exec", node_netns, "ss", "-Htlnp", f"sport = :{port}"],
+        capture_output=True,
+        text=True,
+        timeout=10,
+    ).stdout
+    return {int(pid) for pid in re.findall(r"pid=(\d+)", out)}
+
+
+def test_upgrade_drops_no_connection_and_still_fails_closed(lab_dir: Path) -> None:
+    plan = lab_up_with_capture(lab_dir)
+    node_b = plan.node("node-b")
+    sleep, b_echo = plan.pod("a-sleep"), plan.pod("b-echo")
+    st = state.load(plan.state_path)
+    assert st is not None
+    old = next(p for p in reversed(st.processes) if p.name == node_b.name)
+    echo = LineEcho(b_echo.netns, (b_echo.ip, 9092))
+    sink = HashSink(b_echo.netns, (b_echo.ip, 9093))
+    probe = CountingListener(b_echo.netns, (b_echo.ip, 9094))
+    conns: list[socket.socket] = []
+    try:
+        conns = [connect_from(sleep.netns, (b_echo.ip, 9092)) for _ in range(UPGRADE_CONNECTIONS)]
+        for i, conn in enumerate(conns):
+            assert round_trip(conn, b"before %d\n" % i) == b"before %d\n" % i, node_logs(plan)
+
+        # The transfer: half before the upgrade, half after the new agent has taken over.
+        block = hashlib.sha256(b"ztagent").digest() * (CHUNK // 32)
+        sent = hashlib.sha256()
+        transfer = connect_from(sleep.netns, (b_echo.ip, 9093))
+        for _ in range(TRANSFER_BYTES // CHUNK // 2):
+            transfer.sendall(block)
+            sent.update(block)
+
+        # New connections during the upgrade: every one answered, none slower than 1 s.
+        probing = threading.Event()
+        outcomes: list[tuple[float, bytes | str]] = []
+
+        def probe_loop() -> None:
+            while not probing.is_set():
+                started = time.monotonic()
+                outcome = dial(sleep.netns, (b_echo.ip, 9094), 5.0)
+                outcomes.append((time.monotonic() - started, outcome))
+                time.sleep(0.1)
+
+        prober = threading.Thread(target=probe_loop, daemon=True)
+        prober.start()
+        upgraded = lab(lab_dir, "upgrade", "node-b")
+        assert upgraded.returncode == 0, upgraded.stdout + upgraded.stderr + node_logs(plan)
+        time.sleep(1.0)
+        probing.set()
+        prober.join(15.0)
+
+        st = state.load(plan.state_path)
+        assert st is not None
+        new = next(p for p in reversed(st.processes) if p.name == node_b.name)
+        assert new.pid != old.pid
+        log_b = plan.log_path(node_b.name).read_text(errors="replace")
+        assert "handover: a new agent takes over; draining" in log_b, node_logs(plan)
+        assert "took over in" in log_b, node_logs(plan)
+        # The old agent accepts nothing any more; the new one holds every listener.
+        assert old.pid not in listening_pids(node_b.netns, 15008)
+        assert new.pid in listening_pids(node_b.netns, 15008)
+
+        for _ in range(TRANSFER_BYTES // CHUNK - TRANSFER_BYTES // CHUNK // 2):
+            transfer.sendall(block)
+            sent.update(block)
+        transfer.shutdown(socket.SHUT_WR)
+        answer = b""
+        while data := transfer.recv(256):
+            answer += data
+        transfer.close()
+        assert answer.decode() == f"{TRANSFER_BYTES} {sent.hexdigest()}", node_logs(plan)
+
+        for i, conn in enumerate(conns):
+            assert round_trip(conn, b"after %d\n" % i) == b"after %d\n" % i, (i, node_logs(plan))
+        failed = [o for o in outcomes if not isinstance(o[1], bytes) or o[1] != b"pong:ping"]
+        assert outcomes and not failed, failed
+        assert max(t for t, _ in outcomes) < 1.0, sorted(t for t, _ in outcomes)[-5:]
+
+        # Once its connections end, the old agent exits.
+        for conn in conns:
+            conn.close()
+        conns = []
+        assert wait_until(lambda: not state.is_running(old.pid, old.start_time), 15.0), node_logs(
+            plan
+        )
+
+        # A crash of the new agent still fails closed.
+        os.kill(new.pid, signal.SIGKILL)
+        assert wait_until(lambda: not state.is_running(new.pid, new.start_time), 10.0)
+        probe.peers.clear()
+        outcome = dial(sleep.netns, (b_echo.ip, 9094), 3.0)
+        assert isinstance(outcome, str), f"answered with no agent on node-b: {outcome!r}"
+        time.sleep(1.0)
+        assert probe.peers == [], "a connection reached b-echo while node-b had no agent"
+    finally:
+        for conn in conns:
+            conn.close()
+        echo.close()
+        sink.close()
+        probe.close()

@@ -135,12 +135,18 @@ class HboneServer:
 
     # ------------------------------------------------------------------- listening
 
-    async def listen(self, host: str, port: int, transparent: bool = False) -> tuple[str, int]:
+    async def listen(
+        self, host: str, port: int, transparent: bool = False, reuse_port: bool = False
+    ) -> tuple[str, int]:
+        """Listen on `host:port`; `reuse_port` shares the port with a successor agent's
+        listener (SO_REUSEPORT) for a hitless upgrade."""
         loop = self._loop = asyncio.get_running_loop()
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if transparent:
                 sock.setsockopt(socket.SOL_IP, socket.IP_TRANSPARENT, 1)
             sock.bind((host, port))

@@ -78,6 +78,8 @@ def _run(args: argparse.Namespace) -> int:
         return lifecycle.down(plan)
     if args.lab_command == "status":
         return print_status(plan)
+    if args.lab_command == "upgrade":
+        return lifecycle.upgrade(plan, args.nodes)
     return demo.run(plan)
 
 
@@ -97,6 +99,10 @@ def register(subparsers: Any) -> None:
         "demo": "run the checks: PASS/FAIL per line, exit 0 only when all pass",
         "status": "nodes, pods, enrolment and agent health",
         "down": "stop every lab process and remove every lab namespace (also after a crash)",
+        "upgrade": (
+            "replace node agents without dropping a connection: a new agent takes over from "
+            "each running one, which drains its connections and exits"
+        ),
     }
     for name, text in helps.items():
         sub = lab_sub.add_parser(name, help=text, description=text)
@@ -119,6 +125,10 @@ def register(subparsers: Any) -> None:
             action=_Setting,
             help=f"node range (default {DEFAULT_UNDERLAY_CIDR})",
         )
+        if name == "upgrade":
+            sub.add_argument(
+                "nodes", nargs="*", metavar="NODE", help="nodes to upgrade (default: all)"
+            )
         sub.add_argument(
             "--dir",
             default=None,

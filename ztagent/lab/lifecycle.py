@@ -21,6 +21,7 @@ from ztagent.lab.processes import (
     wait_agents,
     wait_apps,
     wait_control,
+    wait_takeover,
     wait_waypoint,
     waypoint_supported,
 )
@@ -81,6 +82,31 @@ def _up(plan: Plan) -> int:
     return 0
 
 
+def upgrade(plan: Plan, names: list[str]) -> int:
+    """Replace the node agents of `names` (default: every node) without dropping a
+    connection: a new agent takes over from the running one (`--handover-socket`), which
+    drains what it holds and exits."""
+    netns.require_root()
+    st = state.load(plan.state_path)
+    if st is None or st.phase != "up":
+        raise LabError(f"no lab is up in {plan.directory}; `ztagent lab up` first")
+    nodes = [plan.node(name) for name in names] if names else list(plan.nodes)
+    for node in nodes:
+        old = next((p for p in reversed(st.processes) if p.name == node.name), None)
+        log_path = plan.log_path(node.name)
+        offset = log_path.stat().st_size if log_path.exists() else 0
+        started = time.monotonic()
+        say(f"upgrading the agent of {node.name}: a new agent takes over")
+        command = agent_command(plan, node, st.capture)
+        record = start_process(plan, st, node.name, node.netns, command, process_env())
+        wait_takeover(plan, node, record, offset)
+        say(f"agent {node.name} took over in {time.monotonic() - started:.1f}s")
+        wait_agents(plan, {node.name: record}, [node])
+        if old is not None and state.is_running(old.pid, old.start_time):
+            say(f"the previous agent of {node.name} (pid {old.pid}) drains its connections")
+    return 0
+
+
 def down(plan: Plan) -> int:
     """Stop every lab process, delete every lab namespace. Idempotent."""
     netns.require_root()
@@ -97,6 +123,8 @@ def down(plan: Plan) -> int:
     stopped = state.stop(list(unique.items()))
     if stopped:
         say(f"stopped {len(stopped)} process(es)")
+    for node in plan.nodes:  # left behind by an agent that was killed
+        plan.handover_socket(node.name).unlink(missing_ok=True)
     removed = 0
     for name in reversed(names):
         if netns.netns_exists(name):

@@ -4,6 +4,7 @@ and waiting until each is ready or has exited."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -189,6 +190,8 @@ def agent_command(plan: Plan, node: Node, capture: bool) -> list[str]:
         f"{node.readiness[0]}:{node.readiness[1]}",
         "--socks5-addr",
         "off",
+        "--handover-socket",
+        str(plan.handover_socket(node.name)),
     ]
     if capture:
         command += ["--capture", "--uplink", "eth0"]
@@ -276,11 +279,13 @@ def wait_apps(plan: Plan, records: dict[str, state.Process]) -> None:
         time.sleep(0.1)
 
 
-def wait_agents(plan: Plan, records: dict[str, state.Process]) -> None:
+def wait_agents(
+    plan: Plan, records: dict[str, state.Process], nodes: list[Node] | None = None
+) -> None:
     start = time.monotonic()
     deadline = start + READY_TIMEOUT
     next_progress = start + PROGRESS_EVERY
-    waiting = list(plan.nodes)
+    waiting = list(plan.nodes if nodes is None else nodes)
     while waiting:
         for node in list(waiting):
             rec = records[node.name]
@@ -304,6 +309,25 @@ def wait_agents(plan: Plan, records: dict[str, state.Process]) -> None:
             say(f"waiting for agents ({now - start:.0f}s): {', '.join(n.name for n in waiting)}")
             next_progress = now + PROGRESS_EVERY
         time.sleep(0.2)
+
+
+def wait_takeover(plan: Plan, node: Node, record: state.Process, offset: int) -> None:
+    """Wait until the new agent of `node` says it took over (its log past `offset`)."""
+    deadline = time.monotonic() + READY_TIMEOUT
+    path = Path(record.log)
+    while True:
+        if not state.is_running(record.pid, record.start_time):
+            raise LabError(
+                f"the new agent of {node.name} exited; its log ({record.log}) ends with:\n"
+                + _log_tail(record.log)
+            )
+        with contextlib.suppress(OSError), path.open("rb") as log:
+            log.seek(offset)
+            if b"took over in" in log.read():
+                return
+        if time.monotonic() >= deadline:
+            raise LabError(f"the new agent of {node.name} did not take over in {READY_TIMEOUT:g}s")
+        time.sleep(0.1)
 
 
 def start_waypoint(plan: Plan, st: state.State) -> state.Process:

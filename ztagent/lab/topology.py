@@ -261,6 +261,11 @@ class Plan:
     def log_path(self, name: str) -> Path:
         return self.log_dir / f"{name}.log"
 
+    def handover_socket(self, node: str) -> Path:
+        """The node agent's hitless-upgrade socket (`ztagent node --handover-socket`), short
+        enough for a Unix socket path wherever the lab directory is."""
+        return Path("/run/ztagent") / f"{self.prefix}{node}.handover"
+
     @property
     def namespaces(self) -> tuple[str, ...]:
         """Every namespace, in creation order."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import ipaddress
 import logging
 import signal
@@ -34,7 +35,7 @@ from ztagent.model.snapshot import ConfigSnapshot
 from ztagent.model.store import ProxyState, StateChange
 from ztagent.model.watch import ConfigWatcher
 from ztagent.model.workload import TunnelProtocol, Workload
-from ztagent.node import inbound, outbound
+from ztagent.node import handover, inbound, outbound
 from ztagent.node.dump import CertificateStatus, config_dump
 from ztagent.node.inbound import PLAINTEXT_PORT, InboundRefused
 from ztagent.node.outbound import OpenTunnel, OutboundRefused, Relay
@@ -148,16 +149,29 @@ class NodeAgent:
         self._mark: int | None = settings.mark if settings.capture else None
         self.capture: Capture | None = None
         self._enrolled: set[str] = set()
+        # Hitless upgrade (see `handover`): listeners share their ports with a successor.
+        self._reuse_port = bool(settings.handover_socket)
+        self._handover: handover.HandoverServer | None = None
+        self._handed_over = False
+        self._taking_over = False
+        self._attach_capture = True  # False until a predecessor has handed over
+        self._open_connections = 0
 
     # ------------------------------------------------------------------ lifecycle
 
     async def run(self) -> int:
         s = self.settings
         loop = asyncio.get_running_loop()
+        self._taking_over = bool(s.handover_socket) and handover.predecessor(s.handover_socket)
+        if self._taking_over:
+            log.info("an agent serves %s: taking over from it", s.handover_socket)
         if s.capture:
-            # First, so a machine that cannot capture says so before anything listens.
+            # First, so a machine that cannot capture says so before anything listens. The
+            # program is attached only once its maps hold the enrolled pods (below): a program
+            # with empty maps would let their traffic pass untouched.
             self.capture = Capture(mark=s.mark, headers=s.kernel_headers)
-            self.capture.start(devices=[s.uplink])
+            self.capture.start()
+            self._attach_capture = not self._taking_over
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
         self._http = [
@@ -165,50 +179,104 @@ class NodeAgent:
             build_metrics_server(self.metrics.render),
             build_readiness_server(self.readiness.ready, self.readiness.reason),
         ]
-        for server, address in zip(
-            self._http, (s.admin_addr, s.metrics_addr, s.readiness_addr), strict=True
-        ):
-            try:
-                await server.start(*address)
-            except OSError as exc:
-                where = format_authority(*address)
-                raise LocalError(f"cannot listen on {where}: {exc.strerror or exc}") from None
-        self.certs.start()
-        # The first config before the listeners open: nothing is captured or forwarded on an
-        # empty model (an unknown destination would otherwise pass through in plaintext).
-        if self.xds is not None:
-            self._spawn(self.xds.run())
-            log.info("waiting for the first xDS sync from %s", s.xds_address)
-            await self.xds.synced.wait()
-        elif self.watcher is not None:
-            await self.watcher.check()
-            self._spawn(self.watcher.run())
-        await self._listen()
-        log.info(
-            "node agent %s started: config %s, certificates %s, trust domain %s",
-            s.node_name or "(no name)",
-            self.config_source,
-            s.ca_address or f"embedded CA {s.ca_dir}",
-            s.trust_domain,
-        )
         try:
+            if not self._taking_over:
+                await self._start_http(retry_for=0.0)
+            self.certs.start()
+            # The first config before the listeners open: nothing is captured or forwarded on
+            # an empty model (an unknown destination would otherwise pass through in plaintext).
+            if self.xds is not None:
+                self._spawn(self.xds.run())
+                log.info("waiting for the first xDS sync from %s", s.xds_address)
+                await self.xds.synced.wait()
+            elif self.watcher is not None:
+                await self.watcher.check()
+                self._spawn(self.watcher.run())
+            await self._listen()
+            if self._taking_over:
+                await self._take_over()
+            if self.capture is not None:
+                self._attach_capture = True
+                self._sync_capture(self.capture)
+                self.capture.attach(s.uplink)
+            if s.handover_socket:
+                self._handover = handover.HandoverServer(s.handover_socket, self._hand_over)
+                await self._handover.start()
+            log.info(
+                "node agent %s started: config %s, certificates %s, trust domain %s",
+                s.node_name or "(no name)",
+                self.config_source,
+                s.ca_address or f"embedded CA {s.ca_dir}",
+                s.trust_domain,
+            )
             await self._stop.wait()
             await self._drain()
         finally:
+            if self._handover is not None:
+                await self._handover.close()
             if self.capture is not None:
-                self.capture.stop()
+                # After a handover the program, rules and routes are the successor's; while a
+                # takeover has not happened they are still the predecessor's.
+                self.capture.stop(release=not (self._handed_over or self._taking_over))
         return 0
+
+    async def _start_http(self, retry_for: float) -> None:
+        """Open the admin, metrics and readiness servers; after a takeover the predecessor may
+        take a moment to release their ports, so binding is retried for `retry_for` seconds."""
+        s = self.settings
+        deadline = time.monotonic() + retry_for
+        for server, address in zip(
+            self._http, (s.admin_addr, s.metrics_addr, s.readiness_addr), strict=True
+        ):
+            while True:
+                try:
+                    await server.start(*address)
+                    break
+                except OSError as exc:
+                    if exc.errno == errno.EADDRINUSE and time.monotonic() < deadline:
+                        await asyncio.sleep(0.05)
+                        continue
+                    where = format_authority(*address)
+                    raise LocalError(f"cannot listen on {where}: {exc.strerror or exc}") from None
+
+    async def _take_over(self) -> None:
+        """Our listeners are open beside the predecessor's: ask it to stop accepting and to
+        release its ports, then take the ports it released."""
+        started = time.monotonic()
+        try:
+            await handover.request_takeover(self.settings.handover_socket)
+        except handover.HandoverError as exc:
+            raise LocalError(f"hitless upgrade failed: {exc}") from None
+        self._taking_over = False
+        await self._start_http(retry_for=handover.HANDSHAKE_TIMEOUT)
+        log.info("took over in %.0f ms", (time.monotonic() - started) * 1000)
+
+    async def _hand_over(self) -> None:
+        """A successor's listeners are open beside ours: stop accepting (connections still in
+        our accept queues move to its listeners), release the admin, metrics and readiness
+        ports, and drain what we hold."""
+        self._handed_over = True
+        _migrate_accept_queues()
+        self._stop_accepting()
+        for http in self._http:
+            await http.close()
+        self._stop.set()
+
+    def _stop_accepting(self) -> None:
+        for server in self._servers + list(self._plain_servers.values()):
+            server.close()
+        self.hbone.stop_listening()
 
     async def _listen(self) -> None:
         s = self.settings
         loop = asyncio.get_running_loop()
         if isinstance(s.inbound_addr, tuple):
-            await self.hbone.listen(*s.inbound_addr, transparent=True)
+            await self.hbone.listen(*s.inbound_addr, transparent=True, reuse_port=self._reuse_port)
         if isinstance(s.inbound_plaintext_addr, tuple):
             self._servers.append(
                 await loop.create_server(
                     self._plain_inbound_protocol,
-                    sock=_listener(s.inbound_plaintext_addr, transparent=True),
+                    sock=_listener(s.inbound_plaintext_addr, True, self._reuse_port),
                     backlog=LISTEN_BACKLOG,
                 )
             )
@@ -216,7 +284,7 @@ class NodeAgent:
             self._servers.append(
                 await loop.create_server(
                     lambda: _Captured(self),
-                    sock=_listener(s.outbound_addr, transparent=True),
+                    sock=_listener(s.outbound_addr, True, self._reuse_port),
                     backlog=LISTEN_BACKLOG,
                 )
             )
@@ -224,20 +292,24 @@ class NodeAgent:
             self._servers.append(
                 await loop.create_server(
                     self._socks5_protocol,
-                    sock=_listener(s.socks5_addr, transparent=False),
+                    sock=_listener(s.socks5_addr, False, self._reuse_port),
                     backlog=LISTEN_BACKLOG,
                 )
             )
         await self._bind_workloads()
 
     async def _drain(self) -> None:
-        log.info("draining: no new connections, %ss for open ones", self.settings.drain_timeout)
-        for server in self._servers + list(self._plain_servers.values()):
-            server.close()
-        await self.hbone.drain(timeout=self.settings.drain_timeout)
-        deadline = time.monotonic() + self.settings.drain_timeout
-        while self._inbound and time.monotonic() < deadline:
+        timeout = self.settings.drain_timeout
+        log.info(
+            "draining: no new connections, %ss for %d open ones", timeout, self._open_connections
+        )
+        deadline = time.monotonic() + timeout
+        self._stop_accepting()
+        await self.hbone.drain(timeout=timeout)
+        while (self._inbound or self._open_connections) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
+        if self._open_connections:
+            log.info("drain deadline: closing %d open connections", self._open_connections)
         for client in self._clients.values():
             client.close()
         for task in self._tasks:
@@ -248,6 +320,14 @@ class NodeAgent:
 
     def stop(self) -> None:
         self._stop.set()
+
+    def _opened(self, labels: ConnectionLabels) -> None:
+        self._open_connections += 1
+        self.metrics.opened(labels)
+
+    def _closed(self, labels: ConnectionLabels) -> None:
+        self._open_connections -= 1
+        self.metrics.closed(labels)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -314,8 +394,11 @@ class NodeAgent:
 
     def _sync_capture(self, capture: Capture) -> None:
         """Enrolment follows the model: local HBONE workloads are captured, other local pods
-        only get the program on their veth (for traffic to enrolled pods on this node)."""
+        only get the program on their veth (for traffic to enrolled pods on this node). The
+        maps are filled before the program is attached, and while a predecessor still serves
+        (`_attach_capture` false) only the maps are: its program stays on the devices."""
         wanted: set[str] = set()
+        attach = self._attach_capture
         for workload in self.state.local_workloads():
             for address in workload.addresses:
                 ip = str(address)
@@ -323,12 +406,13 @@ class NodeAgent:
                     continue
                 try:
                     ifindex = capture.host_veth_for(ip)
-                    capture.attach_pod_veth(ifindex)
                     if workload.tunnel_protocol is TunnelProtocol.HBONE and not (
                         self.state.is_waypoint(workload)
                     ):
-                        capture.enrol_pod(ip, ifindex)
+                        capture.enrol_pod(ip, ifindex, attach=attach)
                         wanted.add(ip)
+                    elif attach:
+                        capture.attach_pod_veth(ifindex)
                 except LocalError as exc:
                     log.error("cannot capture %s (%s): %s", workload.name, ip, exc)
         for ip in self._enrolled - wanted:
@@ -377,11 +461,11 @@ class NodeAgent:
         for ip in sorted(wanted - self._bound_workloads):
             try:
                 if s.inbound_addr == WORKLOADS:
-                    await self.hbone.listen(ip, HBONE_PORT)
+                    await self.hbone.listen(ip, HBONE_PORT, reuse_port=self._reuse_port)
                 if s.inbound_plaintext_addr == WORKLOADS:
                     self._plain_servers[ip] = await loop.create_server(
                         self._plain_inbound_protocol,
-                        sock=_listener((ip, PLAINTEXT_PORT), False),
+                        sock=_listener((ip, PLAINTEXT_PORT), False, self._reuse_port),
                         backlog=LISTEN_BACKLOG,
                     )
             except (LocalError, OSError) as exc:
@@ -427,9 +511,9 @@ class NodeAgent:
     # ------------------------------------------------------------------ reports
 
     def _refused(self, labels: ConnectionLabels, record: ConnectionRecord) -> None:
-        self.metrics.opened(labels)
+        self._opened(labels)
         self.metrics.failed(labels)
-        self.metrics.closed(labels)
+        self._closed(labels)
         self.access_log.record(record)
 
     def _report_refusal(self, refused: InboundRefused | OutboundRefused) -> None:
@@ -450,7 +534,7 @@ class NodeAgent:
 
         def on_leg(leg: TcpLeg) -> None:
             started = time.monotonic()
-            self.metrics.opened(labels)
+            self._opened(labels)
 
             def close(reason: str) -> None:
                 if leg.conn is not None:
@@ -464,7 +548,7 @@ class NodeAgent:
                 self.metrics.sent(labels, leg.bytes_in)
                 if error and error.startswith("upstream connect failed"):
                     self.metrics.failed(labels.with_response_flags(ResponseFlags.CONNECT))
-                self.metrics.closed(labels)
+                self._closed(labels)
                 duration = time.monotonic() - started
                 self.access_log.record(
                     record.finished(leg.bytes_in, leg.bytes_out, duration, error)
@@ -538,13 +622,13 @@ class NodeAgent:
             self._inbound.pop(key, None)
             self.metrics.received(labels, relay.bytes_from_client)
             self.metrics.sent(labels, relay.bytes_to_client)
-            self.metrics.closed(labels)
+            self._closed(labels)
             sent, received = relay.bytes_from_client, relay.bytes_to_client
             duration = time.monotonic() - started
             self.access_log.record(record.finished(sent, received, duration, error))
 
         relay = PlainRelay(done)
-        self.metrics.opened(labels)
+        self._opened(labels)
         if inbound is not None and workload is not None:
             self._inbound[key] = _Inbound(inbound, workload.uid, relay.abort)
         try:
@@ -558,7 +642,7 @@ class NodeAgent:
         except (OSError, TimeoutError) as exc:
             self._inbound.pop(key, None)
             self.metrics.failed(labels.with_response_flags(ResponseFlags.CONNECT))
-            self.metrics.closed(labels)
+            self._closed(labels)
             self.access_log.record(record.failed(f"connect failed: {exc}"))
             if reply is not None:
                 transport.write(reply(Reply.CONNECTION_REFUSED, None))
@@ -648,12 +732,12 @@ class NodeAgent:
             leg.on_response = tunnel_response(reply)
         transport.set_protocol(leg)
         leg.connection_made(transport)
-        self.metrics.opened(labels)
+        self._opened(labels)
 
         def done(leg: TcpLeg, error: str | None) -> None:
             self.metrics.sent(labels, leg.bytes_in)
             self.metrics.received(labels, leg.bytes_out)
-            self.metrics.closed(labels)
+            self._closed(labels)
             duration = time.monotonic() - started
             self.access_log.record(record.finished(leg.bytes_in, leg.bytes_out, duration, error))
 
@@ -700,11 +784,13 @@ def _log_dry_run(verdict: Verdict | None, record: ConnectionRecord | None) -> No
         log.info("dry-run policy %s matched %s", name, where)
 
 
-def _listener(address: tuple[str, int], transparent: bool) -> socket.socket:
+def _listener(address: tuple[str, int], transparent: bool, reuse_port: bool) -> socket.socket:
     family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if transparent:
             with contextlib.suppress(PermissionError):
                 sock.setsockopt(socket.SOL_IP, socket.IP_TRANSPARENT, 1)
@@ -715,6 +801,16 @@ def _listener(address: tuple[str, int], transparent: bool) -> socket.socket:
         sock.close()
         raise LocalError(f"cannot listen on {format_authority(*address)}: {exc.strerror}") from None
     return sock
+
+
+def _migrate_accept_queues() -> None:
+    """Let the kernel move connections waiting in a closed listener's queues to another
+    listener of its SO_REUSEPORT group (`net.ipv4.tcp_migrate_req`, Linux 5.14), so closing
+    ours on a handover resets none of them. Per network namespace; best effort."""
+    try:
+        Path("/proc/sys/net/ipv4/tcp_migrate_req").write_text("1\n")
+    except OSError as exc:
+        log.warning("cannot set net.ipv4.tcp_migrate_req: %s", exc)
 
 
 class _Holding(asyncio.Protocol):

@@ -13,6 +13,7 @@ from typing import Any
 from ztagent.errors import LocalError
 from ztagent.hbone.frames import parse_authority
 from ztagent.identity.command import parse_duration
+from ztagent.model.fields import parse_go_duration
 from ztagent.node.xds import DEFAULT_ROOT_CA, DEFAULT_TOKEN_PATH, parse_address
 
 WORKLOADS = "workloads"  # bind on every local workload IP (loopback labs, tests)
@@ -40,6 +41,8 @@ class NodeSettings:
     readiness_addr: tuple[str, int] = ("0.0.0.0", 15021)
     deny_unknown: bool = False
     drain_timeout: float = 5.0
+    handover_socket: str = ""
+    """Unix socket for hitless upgrades (see `ztagent.node.handover`); empty: none."""
     capture: bool = False
     uplink: str = "eth0"
     # SO_MARK on the agent's own connections, so capture never steers them back to it.
@@ -143,7 +146,20 @@ _FLAGS: list[tuple[str, str | None, str, str]] = [
         "passthrough",
         "what to do with connections to addresses not in the mesh: passthrough or deny",
     ),
-    ("--drain-timeout", None, "5", "seconds open connections may take to finish on shutdown"),
+    (
+        "--drain-timeout",
+        "CONNECTION_TERMINATION_DEADLINE",
+        "5",
+        "how long open connections may take to finish on shutdown or handover (seconds, or a "
+        "duration such as 25s)",
+    ),
+    (
+        "--handover-socket",
+        None,
+        "",
+        "Unix socket for hitless upgrades: an agent started with the same path takes over "
+        "from the running one without dropping a connection (default: none)",
+    ),
     ("--uplink", None, "eth0", "the node's uplink device, for inbound capture (with --capture)"),
     ("--mark", None, "0x539", "SO_MARK of the agent's own connections (with --capture)"),
     (
@@ -214,10 +230,7 @@ def from_args(args: argparse.Namespace) -> NodeSettings:
         mark = int(v("--mark"), 0)
     except ValueError:
         raise LocalError(f"--mark: {v('--mark')!r} is not a number") from None
-    try:
-        drain = float(v("--drain-timeout"))
-    except ValueError:
-        raise LocalError(f"--drain-timeout: {v('--drain-timeout')!r} is not a number") from None
+    drain = _seconds("--drain-timeout", v("--drain-timeout"))
     return NodeSettings(
         local_xds_path=v("--local-xds-path"),
         node_name=v("--node-name"),
@@ -238,6 +251,7 @@ def from_args(args: argparse.Namespace) -> NodeSettings:
         readiness_addr=_address("--readiness-addr", v("--readiness-addr")),
         deny_unknown=v("--unknown-destination") == "deny",
         drain_timeout=drain,
+        handover_socket=v("--handover-socket"),
         capture=bool(getattr(args, "capture", False)),
         uplink=v("--uplink"),
         mark=mark,
@@ -251,3 +265,17 @@ def from_args(args: argparse.Namespace) -> NodeSettings:
         pod_namespace=v("--pod-namespace") or "istio-system",
         instance_ip=v("--instance-ip"),
     )
+
+
+def _seconds(flag: str, text: str) -> float:
+    """Seconds from a number (`25`) or a Go duration (`25s`, as ztunnel's variables take)."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        try:
+            seconds = float(parse_go_duration(text))
+        except ValueError:
+            raise LocalError(f"{flag}: {text!r} is not a number of seconds or a duration") from None
+    if not 0 <= seconds < 86400:
+        raise LocalError(f"{flag}: {text!r} must be between 0 and 24h")
+    return seconds

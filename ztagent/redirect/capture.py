@@ -260,11 +260,16 @@ class Capture:
             raise CaptureError(f"cannot compile or load {self.source}: {exc}") from None
         self._fd = int(fn.fd)
 
-    def stop(self) -> None:
-        """Detach our filters, remove our rule and route, unload. Idempotent."""
+    def stop(self, *, release: bool = True) -> None:
+        """Detach our filters, remove our rule and route, unload. Idempotent.
+
+        With `release` false (the agent handed the capture over to a successor, or a takeover
+        did not happen) the filters, rule and route stay: they are another agent's now, and
+        removing them would let captured flows pass as plain IP. Only our program is unloaded
+        (a filter that still holds it keeps it)."""
         nl = self._nl
         if nl is not None:
-            attached = dict(self._attached)
+            attached = dict(self._attached) if release else {}
             self._attached.clear()
 
             def detach_all(ipr: Any) -> None:
@@ -275,12 +280,12 @@ class Capture:
                         log.warning("cannot detach from ifindex %d: %s", index, exc)
 
             nl.call(detach_all)
-            if self._routing:
+            if self._routing and release:
                 try:
                     nl.call(self._remove_routing)
                 except Exception as exc:
                     log.warning("cannot remove the capture routing: %s", exc)
-                self._routing = False
+            self._routing = False
             nl.close()
             self._nl = None
         if self._bpf is not None:
@@ -422,18 +427,19 @@ class Capture:
 
     # -------------------------------------------------------------- enrolment
 
-    def enrol_pod(self, ip: str, host_veth_ifindex: int) -> None:
+    def enrol_pod(self, ip: str, host_veth_ifindex: int, *, attach: bool = True) -> None:
         """Capture the pod's new outbound flows (SYNs on its host veth) and new flows to its IP.
-        Map updates only; attaches the program on the veth if it is not attached yet."""
+        The maps first, then (with `attach`) the program on the veth if it is not there yet, so
+        the program never meets the pod's packets with maps that do not know the pod."""
         nl = self._need()
-        if host_veth_ifindex not in self._attached:
-            nl.call(lambda ipr: self._attach(ipr, host_veth_ifindex))
         old = self._pods.get(ip)
         if old is not None and old != host_veth_ifindex:
             self._map_delete("outbound_ifaces", old)
         self._map_set("inbound_pods", _ip_key(ip))
         self._map_set("outbound_ifaces", host_veth_ifindex)
         self._pods[ip] = host_veth_ifindex
+        if attach and host_veth_ifindex not in self._attached:
+            nl.call(lambda ipr: self._attach(ipr, host_veth_ifindex))
 
     def unenrol_pod(self, ip: str) -> None:
         self._need()
