@@ -221,7 +221,8 @@ class Forward:
     """Send `head` upstream to `cluster` (after reading a replayable body and starting the
     mirrors), attempt by attempt through a `RetryState`; then `reply_flags` and
     `response_headers` finish the response. `cluster` None: the destination has no cluster
-    (unknown host or subset), answer `NO_HEALTHY_UPSTREAM` once the mirrors are started."""
+    (unknown host or subset); once the mirrors are started, `Pipeline.retry_state` answers
+    `NO_HEALTHY_UPSTREAM`."""
 
     cluster: Cluster | None
     head: RequestHead
