@@ -11,7 +11,9 @@ per upstream attempt the endpoint, the time left, and whether a failure is retri
 `ForwardToWorkload` (a pod-addressed request). A `Forward` is carried out attempt by attempt
 through a `RetryState`: `next_attempt` names the endpoint (`Attempt`) or answers, `answered` /
 `failed` / `overflowed` say what an attempt's outcome means (`Deliver`, `RetryAfter`, or the
-final `Respond`). The asyncio layer (`proxy.Waypoint`) executes these commands.
+final `Respond`). `Pipeline.tunnel` admits a CONNECT (`Downstream`) or `Refuse`s it, and
+`with_request_id` finishes every response's headers. The asyncio layer (`proxy.Waypoint`)
+executes these commands.
 
 No asyncio, no I/O, no clock, no global randomness: `now` (monotonic, the waypoint's clock),
 `loop_time` (the event loop's clock, which upstream timeouts use) and `wall` (epoch seconds,
@@ -37,7 +39,7 @@ from ztagent.istio.resilience import Failure, RetryPolicy
 from ztagent.istio.routes import Headers, Request, RouteChoice, ServiceRef, SourceInfo
 from ztagent.model.store import ProxyState
 from ztagent.model.workload import Service, Workload
-from ztagent.telemetry.tracing import Span
+from ztagent.telemetry.tracing import REQUEST_ID, Span
 from ztagent.waypoint.cluster import Cluster, Clusters, Endpoint, UpstreamKey
 from ztagent.waypoint.config import WaypointConfig
 from ztagent.waypoint.http import RequestHead
@@ -85,7 +87,36 @@ class Downstream:
     source: Workload | None
 
 
+def with_request_id(headers: list[tuple[str, str]], request_id: str) -> list[tuple[str, str]]:
+    """The response headers with the request's `x-request-id` added when they carry none
+    (a local reply, or an upstream that did not echo it)."""
+    if any(k == REQUEST_ID for k, _ in headers):
+        return headers
+    return [*headers, (REQUEST_ID, request_id)]
+
+
+def grpc_status(
+    headers: Sequence[tuple[str, str]], trailers: Sequence[tuple[str, str]] = ()
+) -> int | None:
+    """A response's grpc-status (the head's, else the trailers'), None without a valid one."""
+    for name, value in (*headers, *trailers):
+        if name == "grpc-status":
+            try:
+                return int(value)
+            except ValueError:
+                continue
+    return None
+
+
 # ------------------------------------------------------------------ commands
+
+
+@dataclass(frozen=True, slots=True)
+class Refuse:
+    """Refuse a tunnel (the CONNECT is answered with `status`)."""
+
+    status: int
+    reason: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,7 +221,8 @@ class Forward:
     """Send `head` upstream to `cluster` (after reading a replayable body and starting the
     mirrors), attempt by attempt through a `RetryState`; then `reply_flags` and
     `response_headers` finish the response. `cluster` None: the destination has no cluster
-    (unknown host or subset), answer `NO_HEALTHY_UPSTREAM` once the mirrors are started."""
+    (unknown host or subset); once the mirrors are started, `Pipeline.retry_state` answers
+    `NO_HEALTHY_UPSTREAM`."""
 
     cluster: Cluster | None
     head: RequestHead
@@ -222,6 +254,10 @@ class ForwardToWorkload:
     key: UpstreamKey
     pool: ConnectionPool
     head: RequestHead
+
+    def failed(self, detail: str) -> Respond:
+        """The answer when the workload could not be reached (no retries: no route)."""
+        return workload_connect_failure(detail)
 
 
 @dataclass(frozen=True, slots=True)
@@ -364,19 +400,20 @@ class RetryState:
         return Attempt(endpoint, key, limit)
 
     def answered(
-        self, attempt: Attempt, status: int, grpc_status: int | None, now: float
+        self,
+        attempt: Attempt,
+        status: int,
+        headers: Sequence[tuple[str, str]],
+        now: float,
     ) -> Deliver | RetryAfter:
-        """The attempt got a response head: deliver it, or retry after a backoff. A
-        delivered response holds the attempt's counters until `finished`."""
+        """The attempt got a response head (`status`, `headers`): deliver it, or retry after
+        a backoff. A delivered response holds the attempt's counters until `finished`."""
         Clusters.record(self.cluster, attempt.endpoint.key, status, now)
-        decision = self._decide(status, grpc_status)
+        grpc = grpc_status(headers)
+        decision = self._decide(status, grpc)
         if decision is None:
             retry = self.forward.retry
-            if (
-                retry is not None
-                and self.attempt > 1
-                and retry.retries(status, grpc_status=grpc_status)
-            ):
+            if retry is not None and self.attempt > 1 and retry.retries(status, grpc_status=grpc):
                 return DELIVER_RETRY_LIMIT
             return DELIVER
         if isinstance(decision, Overflow):
@@ -480,6 +517,41 @@ class Pipeline:
             ref = ServiceRef(service.name, service.namespace, service.hostname)
             table = self._tables[key] = self.config.routes.table(ref, port)
         return table
+
+    # -------------------------------------------------------------- one tunnel
+
+    def tunnel(
+        self,
+        target: tuple[str, int],
+        authority: str,
+        peer_identity: Identity,
+        peer_ip: str,
+        forwarded_ip: str | None,
+    ) -> Downstream | Refuse:
+        """Who a CONNECT to `target` comes from and what it reaches: a service VIP, else a
+        workload address, else it is refused. The sending agent carries one workload with
+        that workload's identity, so the client address it names in `forwarded`
+        (`forwarded_ip`) counts only if it is an address of a workload with the peer's
+        identity; otherwise the peer's own address `peer_ip` stands for the client."""
+        ip_text = target[0]
+        try:
+            ip = ipaddress.ip_address(ip_text)
+        except ValueError:
+            return Refuse(400, f"{ip_text!r} is not an IP address")
+        state = self.state
+        service = state.service_by_vip("", ip)
+        workload = None
+        if service is None:
+            workload = state.workload_by_address("", ip)
+            if workload is None:
+                return Refuse(404, f"no service or workload at {authority}")
+        client_ip = peer_ip
+        if forwarded_ip is not None and state.speaks_for(
+            peer_identity, "", ipaddress.ip_address(forwarded_ip)
+        ):
+            client_ip = forwarded_ip
+        source = state.workload_by_address("", ipaddress.ip_address(client_ip))
+        return Downstream(peer_identity, client_ip, target, service, workload, source)
 
     # -------------------------------------------------------------- one request
 
@@ -637,9 +709,13 @@ class Pipeline:
             flags,
         )
 
-    def retry_state(self, forward: Forward, *, replayable: bool, loop_time: float) -> RetryState:
-        """The attempts of `forward` (which has a cluster)."""
-        assert forward.cluster is not None
+    def retry_state(
+        self, forward: Forward, *, replayable: bool, loop_time: float
+    ) -> RetryState | Respond:
+        """The attempts of `forward`, or the answer when its destination has no cluster
+        (an unknown host or subset: Envoy's `no healthy upstream`)."""
+        if forward.cluster is None:
+            return NO_HEALTHY_UPSTREAM
         return RetryState(
             forward,
             forward.cluster,

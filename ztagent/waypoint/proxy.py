@@ -17,12 +17,10 @@ Envoy does past its retry buffer. Mirrored requests copy replayable bodies only.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import ipaddress
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,7 +51,6 @@ from ztagent.waypoint.pipeline import (
     GRPC_CONTENT_TYPE,
     INTERNAL_ERROR,
     NO_FLAGS,
-    NO_HEALTHY_UPSTREAM,
     REPLAY_LIMIT,
     RESPONSE_BODY_RESET,
     Attempt,
@@ -65,11 +62,13 @@ from ztagent.waypoint.pipeline import (
     ForwardToWorkload,
     Mirror,
     Pipeline,
+    Refuse,
     Respond,
     RetryState,
     replayable,
-    workload_connect_failure,
+    with_request_id,
 )
+from ztagent.waypoint.pipeline import grpc_status as response_grpc_status
 from ztagent.waypoint.upstream import (
     UpstreamConnectError,
     UpstreamOverflow,
@@ -98,14 +97,6 @@ def _local(respond: Respond) -> Reply:
     return Reply(
         ResponseHead(respond.status, list(respond.headers)), Body.of(respond.body), respond.flags
     )
-
-
-def _grpc_status(head: ResponseHead, trailers: Sequence[tuple[str, str]] = ()) -> int | None:
-    for name, value in (*head.headers, *trailers):
-        if name == "grpc-status":
-            with contextlib.suppress(ValueError):
-                return int(value)
-    return None
 
 
 class Waypoint:
@@ -154,29 +145,15 @@ class Waypoint:
     # ------------------------------------------------------------------ tunnels
 
     def decide(self, request: InboundRequest) -> Serve | Deny:
-        ip_text = request.target[0]
-        try:
-            ip = ipaddress.ip_address(ip_text)
-        except ValueError:
-            return Deny(400, f"{ip_text!r} is not an IP address")
-        service = self.state.service_by_vip("", ip)
-        workload = None
-        if service is None:
-            workload = self.state.workload_by_address("", ip)
-            if workload is None:
-                return Deny(404, f"no service or workload at {request.authority}")
-        # The sending agent carries one workload with that workload's identity: the client
-        # address it names counts only if it is an address of a workload with that identity.
-        client_ip = request.peer_address[0]
-        forwarded = request.forwarded_client_ip()
-        if forwarded is not None and self.state.speaks_for(
-            request.peer_identity, "", ipaddress.ip_address(forwarded)
-        ):
-            client_ip = forwarded
-        source = self.state.workload_by_address("", ipaddress.ip_address(client_ip))
-        downstream = Downstream(
-            request.peer_identity, client_ip, request.target, service, workload, source
+        downstream = self.pipeline.tunnel(
+            request.target,
+            request.authority,
+            request.peer_identity,
+            request.peer_address[0],
+            request.forwarded_client_ip(),
         )
+        if isinstance(downstream, Refuse):
+            return Deny(downstream.status, downstream.reason)
         return Serve(lambda leg: self._serve_leg(leg, downstream))
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
@@ -248,8 +225,7 @@ class Waypoint:
         except Exception:
             log.exception("request %s %s failed", head.method, head.path)
             reply = _local(INTERNAL_ERROR)
-        if not any(k == "x-request-id" for k, _ in reply.head.headers):
-            reply.head.headers.append(("x-request-id", request_id))
+        reply.head.headers = with_request_id(reply.head.headers, request_id)
         length = reply.body.length
         if not reply.body.ended and length is not None and length <= REPLAY_LIMIT:
             reply = await _read_small(reply)
@@ -310,7 +286,7 @@ class Waypoint:
         request_id: str,
     ) -> None:
         status = reply.head.status
-        grpc_status = _grpc_status(reply.head, reply.body.trailers or ())
+        grpc_status = response_grpc_status(reply.head.headers, reply.body.trailers or ())
         labels = self._labels(down, reply, grpc, status, grpc_status)
         duration = self.clock() - started
         self.metrics.record(labels, duration, request_body.bytes_read, sent)
@@ -414,8 +390,6 @@ class Waypoint:
         if replay is not None:
             for mirror in step.mirrors:
                 self._spawn(self._mirror(mirror, replay))
-        if step.cluster is None:
-            return _local(NO_HEALTHY_UPSTREAM)
         reply = await self._forward(step, body, replay)
         reply.flags = step.reply_flags(reply.flags)
         reply.head = ResponseHead(reply.head.status, step.response_headers(reply.head.headers))
@@ -427,7 +401,7 @@ class Waypoint:
                 step.key, step.pool, step.head, body
             )
         except (UpstreamConnectError, UpstreamError) as exc:
-            return _local(workload_connect_failure(str(exc)))
+            return _local(step.failed(str(exc)))
         return Reply(head, response, NO_FLAGS, step.workload, None, done)
 
     async def _forward(self, forward: Forward, body: Body, replay: bytes | None) -> Reply:
@@ -436,6 +410,8 @@ class Waypoint:
         retries = self.pipeline.retry_state(
             forward, replayable=replay is not None, loop_time=loop.time()
         )
+        if isinstance(retries, Respond):
+            return _local(retries)
         cluster = retries.cluster
         while True:
             attempt = retries.next_attempt(self.clock(), loop.time())
@@ -467,7 +443,7 @@ class Waypoint:
                     release,
                 )
                 answered = retries.answered(
-                    attempt, response.status, _grpc_status(response), self.clock()
+                    attempt, response.status, response.headers, self.clock()
                 )
                 if isinstance(answered, Deliver):
                     reply.flags = answered.flags
