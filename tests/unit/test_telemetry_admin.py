@@ -9,6 +9,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from ztagent.http.messages import Request, Response
+from ztagent.http.server import Route
 from ztagent.telemetry.admin import (
     LogLevels,
     Readiness,
@@ -16,11 +18,10 @@ from ztagent.telemetry.admin import (
     metrics_routes,
     readiness_routes,
 )
-from ztagent.telemetry.http import Handler, Request, Response
 from ztagent.telemetry.metrics import CONTENT_TYPE, ConnectionLabels, Metrics
 
 
-def call(routes: dict[str, Handler], method: str, path: str, **query: str) -> Response:
+def call(routes: dict[str, Route], method: str, path: str, **query: str) -> Response:
     req = Request(method, path, {k: (v,) for k, v in query.items()})
     result = routes[path](req)
     if isinstance(result, Response):

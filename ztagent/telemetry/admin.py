@@ -16,8 +16,9 @@ from collections.abc import Callable
 from typing import Any
 
 from ztagent.errors import LocalError
+from ztagent.http.messages import Request, Response
+from ztagent.http.server import HttpServer, Route
 from ztagent.telemetry.accesslog import LEVELS, parse_level
-from ztagent.telemetry.http import Handler, HttpServer, Request, Response
 from ztagent.telemetry.metrics import CONTENT_TYPE
 
 log = logging.getLogger(__name__)
@@ -105,7 +106,7 @@ def admin_routes(
     config_dump: Callable[[], Any],
     shutdown: Callable[[], object],
     levels: LogLevels | None = None,
-) -> dict[str, Handler]:
+) -> dict[str, Route]:
     """`config_dump()` returns a JSON-able object (dataclasses and datetimes go through
     `str`). `shutdown()` should only start the shutdown: it is called before the answer
     is written; if it returns an awaitable, that runs as a task of its own."""
@@ -165,7 +166,7 @@ def build_admin_server(
 # ---------------------------------------------------------------------------- metrics
 
 
-def metrics_routes(render: Callable[[], bytes]) -> dict[str, Handler]:
+def metrics_routes(render: Callable[[], bytes]) -> dict[str, Route]:
     """`render` is usually `Metrics.render`."""
 
     def scrape(req: Request) -> Response:
@@ -203,7 +204,7 @@ class Readiness:
 
 def readiness_routes(
     ready: Callable[[], bool], reason: Callable[[], str] | None = None
-) -> dict[str, Handler]:
+) -> dict[str, Route]:
     """200 "ready" when `ready()` is true, else 503 with `reason()`."""
 
     def healthz(req: Request) -> Response:

@@ -23,6 +23,8 @@ import pytest
 import uvloop
 from prometheus_client.parser import text_string_to_metric_families
 
+from ztagent.http.messages import Request, Response
+from ztagent.http.server import HttpServer
 from ztagent.telemetry.admin import (
     LogLevels,
     Readiness,
@@ -30,7 +32,6 @@ from ztagent.telemetry.admin import (
     build_metrics_server,
     build_readiness_server,
 )
-from ztagent.telemetry.http import HttpServer, Request, Response
 from ztagent.telemetry.metrics import ConnectionLabels, Metrics
 
 pytestmark = pytest.mark.integration
@@ -221,7 +222,7 @@ def test_handler_exception_is_500_and_logged(caplog: pytest.LogCaptureFixture) -
     thread.start()
     try:
         asyncio.run_coroutine_threadsafe(server.start(), loop).result(TIMEOUT)
-        with caplog.at_level(logging.ERROR, logger="ztagent.telemetry.http"):
+        with caplog.at_level(logging.ERROR, logger="ztagent.http.server"):
             assert _fetch(server.url + "/boom")[0] == 500
         assert any("handler bug" in (r.exc_text or "") for r in caplog.records)
         assert _fetch(server.url + "/fine?who=me%20too")[2] == b"hello me too GET 0\n"
