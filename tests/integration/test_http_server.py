@@ -238,7 +238,7 @@ def test_handler_exception_is_500_and_logged(caplog: pytest.LogCaptureFixture) -
 
 def test_slow_or_idle_connection_is_closed_and_others_served() -> None:
     loop = uvloop.new_event_loop()
-    server = HttpServer({"/": lambda req: Response.text("ok\n")}, request_timeout=0.3)
+    server = HttpServer({"/": lambda req: Response.text("ok\n")}, head_timeout=0.3)
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
     try:

@@ -36,6 +36,14 @@ log = logging.getLogger(__name__)
 
 METHODS = frozenset({"GET", "HEAD", "POST"})
 
+HEAD_TIMEOUT = 10.0
+"""A request head must be whole this long after the connection opens (or its first byte):
+Envoy's `request_headers_timeout` idea, which Envoy leaves off by default; 10 s is ample for
+a probe or a scrape and keeps a silent socket from holding a slot."""
+
+IDLE_TIMEOUT = 30.0
+"""How long a kept-alive connection may wait for its next request."""
+
 Route = Callable[[Request], Response | Awaitable[Response]]
 
 
@@ -56,6 +64,28 @@ async def serve_http(
         await serve_http1(reader, writer, handler, early=early, limits=limits)
 
 
+class _Connection:
+    """What the server knows of one of its connections, to choose one to close."""
+
+    __slots__ = ("h1", "reading_since", "started")
+
+    def __init__(self) -> None:
+        self.h1: H1Connection | None = None
+        self.reading_since: float | None = None  # reading a request body since
+        self.started = asyncio.get_running_loop().time()
+
+    def idle(self) -> bool:
+        """No request in hand: waiting for (the rest of) a head, or for a body to arrive."""
+        return self.h1 is None or self.h1.idle or self.reading_since is not None
+
+    def idle_since(self) -> float:
+        if self.h1 is None:
+            return self.started
+        if self.reading_since is not None:
+            return self.reading_since
+        return self.h1.idle_since
+
+
 def _closing(response: Response) -> Response:
     return Response(response.status, (*response.headers, ("connection", "close")), response.body)
 
@@ -63,9 +93,13 @@ def _closing(response: Response) -> Response:
 class HttpServer:
     """Serves `routes` (exact paths) on one listening socket.
 
-    `request_timeout` bounds the wait for a whole request head (from the connection's start or
-    the request's first byte), the wait between requests on a kept-alive connection, and the
-    reading of one request body.
+    A request head must be whole within `head_timeout` of the connection's start (or, on a
+    kept-alive connection, of its first byte); a kept-alive connection may wait `idle_timeout`
+    for the next request; a request body must be read within `request_timeout`. When
+    `max_connections` are open, a new connection closes the one that has been idle longest
+    (no request in hand: none arrived yet, half a head, or a body still arriving), so idle
+    sockets cannot hold the port; only when every connection is busy answering is the new one
+    refused.
     """
 
     def __init__(
@@ -75,6 +109,8 @@ class HttpServer:
         name: str = "http",
         max_head_bytes: int = 16 * 1024,
         max_body_bytes: int = 1024 * 1024,
+        head_timeout: float = HEAD_TIMEOUT,
+        idle_timeout: float = IDLE_TIMEOUT,
         request_timeout: float = 30.0,
         max_connections: int = 64,
         max_requests_per_connection: int = 1000,
@@ -83,17 +119,19 @@ class HttpServer:
         self.name = name
         self.max_head_bytes = max_head_bytes
         self.max_body_bytes = max_body_bytes
+        self.head_timeout = head_timeout
+        self.idle_timeout = idle_timeout
         self.request_timeout = request_timeout
         self.max_connections = max_connections
         self.max_requests_per_connection = max_requests_per_connection
         self.limits = H1Limits(
             max_head_bytes=max_head_bytes,
-            head_timeout=request_timeout,
-            idle_timeout=request_timeout,
+            head_timeout=head_timeout,
+            idle_timeout=idle_timeout,
             max_requests=max_requests_per_connection,
         )
         self._server: asyncio.Server | None = None
-        self._connections: set[asyncio.Task[None]] = set()
+        self._connections: dict[asyncio.Task[None], _Connection] = {}
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
         if self._server is not None:
@@ -140,40 +178,57 @@ class HttpServer:
 
     # -------------------------------------------------------------------- one connection
 
+    def _make_room(self) -> bool:
+        """Below the cap, or room made by closing the connection idle longest."""
+        if len(self._connections) < self.max_connections:
+            return True
+        idle = [(c.idle_since(), task) for task, c in self._connections.items() if c.idle()]
+        if not idle:
+            return False
+        _, oldest = min(idle, key=lambda pair: pair[0])
+        oldest.cancel()
+        del self._connections[oldest]  # its slot is free now, whenever its task ends
+        return True
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         try:
-            if task is None or len(self._connections) >= self.max_connections:
+            if task is None or not self._make_room():
+                log.debug("%s server: every connection busy, one refused", self.name)
                 return
-            self._connections.add(task)
+            record = self._connections[task] = _Connection()
             peer = peer_text(writer.get_extra_info("peername"))
 
             async def handler(head: RequestHead, body: Body) -> tuple[ResponseHead, Body]:
-                response = await self._answer(head, body, peer)
+                response = await self._answer(head, body, peer, record)
                 headers = [(k.lower(), v) for k, v in response.headers]
                 headers = [(k, v) for k, v in headers if k != "content-length"]
                 headers.append(("content-length", str(len(response.body))))
                 return ResponseHead(response.status, headers), Body.of(response.body)
 
-            await H1Connection(reader, writer, handler, limits=self.limits).run()
+            record.h1 = H1Connection(reader, writer, handler, limits=self.limits)
+            await record.h1.run()
         except (ConnectionError, TimeoutError):
             pass
         except Exception:
             log.exception("%s server: connection failed", self.name)
         finally:
             if task is not None:
-                self._connections.discard(task)
+                self._connections.pop(task, None)
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
 
-    async def _answer(self, head: RequestHead, body: Body, peer: str) -> Response:
+    async def _answer(
+        self, head: RequestHead, body: Body, peer: str, record: _Connection
+    ) -> Response:
         """The response to one request; those that leave the connection unusable (a body
         too large, unreadable or too slow) close it."""
         if head.method not in METHODS:
             return Response.method_not_allowed(*sorted(METHODS))
         if body.length is not None and body.length > self.max_body_bytes:
             return _closing(Response.text("request body too large\n", 413))
+        record.reading_since = asyncio.get_running_loop().time()
         try:
             async with asyncio.timeout(self.request_timeout):
                 data = await read_all(body, self.max_body_bytes)
@@ -182,6 +237,8 @@ class HttpServer:
         except BodyError as e:
             log.debug("%s server: bad request body from %s: %s", self.name, peer, e)
             return _closing(Response.text(f"bad request: {e}\n", 400))
+        finally:
+            record.reading_since = None
         if data is None:
             return _closing(Response.text("request body too large\n", 413))
         split = urlsplit(head.path)
