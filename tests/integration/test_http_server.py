@@ -133,7 +133,9 @@ def test_logging_level_change_takes_effect(agent: Agent) -> None:
     status, _, body = _fetch(agent.url(agent.admin, "/logging?level=debug"), "POST")
     assert status == 200 and body.decode().strip().endswith("debug")
     assert probe.isEnabledFor(logging.DEBUG)
-    status, _, body = _fetch(agent.url(agent.admin, "/logging?level=error"))
+    assert _fetch(agent.url(agent.admin, "/logging?level=error"))[0] == 405
+    assert probe.isEnabledFor(logging.DEBUG)
+    status, _, body = _fetch(agent.url(agent.admin, "/logging?level=error"), "POST")
     assert status == 200 and not probe.isEnabledFor(logging.WARNING)
     status, _, body = _fetch(agent.url(agent.admin, "/logging"))
     assert status == 200 and body.endswith(b",error\n") and b"ztagent=error" in body

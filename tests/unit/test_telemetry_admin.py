@@ -83,7 +83,7 @@ def test_logging_show_set_and_reset(restore_levels: None) -> None:
     assert logging.getLogger().level == logging.DEBUG
     assert logging.getLogger("ztagent").level == logging.DEBUG
 
-    resp = call(routes, "GET", "/logging", level="ztagent.access=error,warn")
+    resp = call(routes, "POST", "/logging", level="ztagent.access=error,warn")
     assert resp.status == 200
     assert logging.getLogger("ztagent.access").level == logging.ERROR
     assert logging.getLogger().level == logging.WARNING
@@ -91,6 +91,11 @@ def test_logging_show_set_and_reset(restore_levels: None) -> None:
 
     resp = call(routes, "POST", "/logging", level="loud")
     assert resp.status == 400 and b"usage" in resp.body
+    assert logging.getLogger().level == logging.WARNING
+
+    for method in ("GET", "HEAD"):
+        assert call(routes, method, "/logging", level="debug").status == 405
+        assert call(routes, method, "/logging", reset="").status == 405
     assert logging.getLogger().level == logging.WARNING
 
     call(routes, "POST", "/logging", reset="")

@@ -36,7 +36,7 @@ hint: level: {"|".join(LEVELS)}
 
 _ADMIN_INDEX = (
     ("/config_dump", "dump the current configuration: workloads, services, policies, certificates"),
-    ("/logging", "query/change logging levels"),
+    ("/logging", "query/change logging levels (changes need POST)"),
     ("/quitquitquit", "shut down the agent (POST)"),
 )
 
@@ -131,6 +131,10 @@ def admin_routes(
         reset = req.arg("reset") is not None
         if level is None and not reset:
             return Response.text(f"current log level is {levels.describe()}\n")
+        if req.method != "POST":
+            # Changing state takes a POST, as in ztunnel's and Envoy's admin: a stray GET
+            # (a crawler, a prefetch, a misdirected scrape) must not silence the access log.
+            return Response.method_not_allowed("POST")
         try:
             if reset:
                 levels.reset()
@@ -143,7 +147,7 @@ def admin_routes(
 
     def quit_(req: Request) -> Response:
         if req.method != "POST":
-            return Response(405, (("allow", "POST"),), b"method not allowed\n")
+            return Response.method_not_allowed("POST")
         log.info("shutdown requested through the admin API", extra={"fields": {"peer": req.peer}})
         result = shutdown()
         if inspect.isawaitable(result):
