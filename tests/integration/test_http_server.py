@@ -254,3 +254,51 @@ def test_slow_or_idle_connection_is_closed_and_others_served() -> None:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(TIMEOUT)
         loop.close()
+
+
+def test_at_the_cap_the_idle_connection_closes_and_busy_ones_stay() -> None:
+    async def main() -> None:
+        release = asyncio.Event()
+
+        async def slow(req: Request) -> Response:
+            await release.wait()
+            return Response.text("slow\n")
+
+        server = HttpServer(
+            {"/slow": slow, "/": lambda req: Response.text("ok\n")}, max_connections=2
+        )
+        addr = await server.start()
+        try:
+            busy_r, busy_w = await asyncio.open_connection(*addr)
+            busy_w.write(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+            idle_r, idle_w = await asyncio.open_connection(*addr)
+            await asyncio.sleep(0.1)
+            # A third connection closes the idle one, not the one being answered.
+            r, w = await asyncio.open_connection(*addr)
+            w.write(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            assert (await asyncio.wait_for(r.read(1000), TIMEOUT)).startswith(b"HTTP/1.1 200 ")
+            assert await asyncio.wait_for(idle_r.read(100), TIMEOUT) == b""
+            w.close()
+            idle_w.close()
+            # Both slots busy: a new connection is refused.
+            other_r, other_w = await asyncio.open_connection(*addr)
+            other_w.write(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+            await asyncio.sleep(0.1)
+            r, w = await asyncio.open_connection(*addr)
+            w.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            try:
+                refused = await asyncio.wait_for(r.read(1000), TIMEOUT)
+            except ConnectionResetError:  # closed with our request unread
+                refused = b""
+            assert refused == b""
+            w.close()
+            release.set()
+            for reader in (busy_r, other_r):
+                reply = await asyncio.wait_for(reader.readuntil(b"slow\n"), TIMEOUT)
+                assert reply.startswith(b"HTTP/1.1 200 ")
+            busy_w.close()
+            other_w.close()
+        finally:
+            await server.close()
+
+    asyncio.run(asyncio.wait_for(main(), 20))

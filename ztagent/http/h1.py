@@ -466,6 +466,9 @@ class Http1Client:
                 if isinstance(event, h11.InformationalResponse):
                     continue
                 if isinstance(event, h11.Response):
+                    size = len(event.reason) + sum(len(k) + len(v) + 4 for k, v in event.headers)
+                    if size > MAX_HEAD_BYTES:
+                        raise UpstreamError("upstream response head too large", reset=False)
                     return ResponseHead(event.status_code, clean_headers(event.headers))
                 raise UpstreamError("upstream closed before the response", reset=True)
         except h11.RemoteProtocolError as exc:
