@@ -30,6 +30,9 @@ from ztagent.hbone.client import HboneClient, Tunnel
 from ztagent.hbone.connection import TcpLeg
 from ztagent.hbone.server import HboneServer, allow_authority
 from ztagent.hbone.tls import TlsConfig
+from ztagent.http.body import Body
+from ztagent.http.h1 import serve_http1
+from ztagent.http.messages import RequestHead, ResponseHead
 from ztagent.identity.ca import CertificateAuthority
 from ztagent.identity.spiffe import Identity
 from ztagent.model.snapshot import ConfigSnapshot
@@ -37,7 +40,6 @@ from ztagent.model.store import ProxyState
 from ztagent.model.workload import NetworkAddress, Service, TunnelProtocol, Workload
 from ztagent.telemetry.requests import RequestMetrics
 from ztagent.waypoint.config import build_config
-from ztagent.waypoint.http import Body, RequestHead, ResponseHead, serve_http1
 from ztagent.waypoint.proxy import Waypoint
 
 pytestmark = pytest.mark.integration

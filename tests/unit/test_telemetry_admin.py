@@ -9,6 +9,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from ztagent.http.messages import Request, Response
+from ztagent.http.server import Route
 from ztagent.telemetry.admin import (
     LogLevels,
     Readiness,
@@ -16,11 +18,10 @@ from ztagent.telemetry.admin import (
     metrics_routes,
     readiness_routes,
 )
-from ztagent.telemetry.http import Handler, Request, Response
 from ztagent.telemetry.metrics import CONTENT_TYPE, ConnectionLabels, Metrics
 
 
-def call(routes: dict[str, Handler], method: str, path: str, **query: str) -> Response:
+def call(routes: dict[str, Route], method: str, path: str, **query: str) -> Response:
     req = Request(method, path, {k: (v,) for k, v in query.items()})
     result = routes[path](req)
     if isinstance(result, Response):
@@ -82,7 +83,7 @@ def test_logging_show_set_and_reset(restore_levels: None) -> None:
     assert logging.getLogger().level == logging.DEBUG
     assert logging.getLogger("ztagent").level == logging.DEBUG
 
-    resp = call(routes, "GET", "/logging", level="ztagent.access=error,warn")
+    resp = call(routes, "POST", "/logging", level="ztagent.access=error,warn")
     assert resp.status == 200
     assert logging.getLogger("ztagent.access").level == logging.ERROR
     assert logging.getLogger().level == logging.WARNING
@@ -90,6 +91,11 @@ def test_logging_show_set_and_reset(restore_levels: None) -> None:
 
     resp = call(routes, "POST", "/logging", level="loud")
     assert resp.status == 400 and b"usage" in resp.body
+    assert logging.getLogger().level == logging.WARNING
+
+    for method in ("GET", "HEAD"):
+        assert call(routes, method, "/logging", level="debug").status == 405
+        assert call(routes, method, "/logging", reset="").status == 405
     assert logging.getLogger().level == logging.WARNING
 
     call(routes, "POST", "/logging", reset="")

@@ -18,6 +18,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from ztagent.control.sources import parse_documents
+from ztagent.http.messages import RequestHead
 from ztagent.identity.spiffe import Identity
 from ztagent.istio.resilience import DEFAULT_RETRY_POLICY
 from ztagent.model.snapshot import ConfigSnapshot
@@ -26,7 +27,6 @@ from ztagent.model.workload import NetworkAddress, Service, TunnelProtocol, Work
 from ztagent.telemetry.tracing import start_span
 from ztagent.waypoint.cluster import UpstreamKey
 from ztagent.waypoint.config import build_config
-from ztagent.waypoint.http import RequestHead
 from ztagent.waypoint.pipeline import (
     DELIVER,
     DELIVER_RETRY_LIMIT,

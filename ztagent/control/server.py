@@ -49,11 +49,12 @@ from ztagent.control.xds import (
     waypoint_resources,
 )
 from ztagent.errors import LocalError
+from ztagent.http.messages import Request, Response
+from ztagent.http.server import HttpServer, Route
 from ztagent.identity.ca import CertificateAuthority
 from ztagent.identity.spiffe import Identity
 from ztagent.istio.envelope import Resource, ResourceError
 from ztagent.model.snapshot import ConfigSnapshot, ObjectError
-from ztagent.telemetry.http import Handler, HttpServer, Request, Response
 from ztagent.telemetry.metrics import CONTENT_TYPE
 from ztagent.xds.gen.envoy.service.discovery.v3 import discovery_pb2 as ads
 from ztagent.xds.gen.envoy.service.discovery.v3 import discovery_pb2_grpc as ads_grpc
@@ -470,7 +471,7 @@ class ControlServer:
         self._tasks: list[asyncio.Task[None]] = []
         self.port = 0
 
-    def admin_routes(self) -> dict[str, Handler]:
+    def admin_routes(self) -> dict[str, Route]:
         def ready(req: Request) -> Response:
             if self.plane.synced:
                 return Response.text("ready\n")

@@ -26,6 +26,7 @@ from ztagent.hbone.connection import TcpLeg
 from ztagent.hbone.frames import format_authority
 from ztagent.hbone.server import Allow, Deny, HboneServer, InboundRequest
 from ztagent.hbone.tls import TlsConfig
+from ztagent.http.server import HttpServer
 from ztagent.identity.ca import CertificateAuthority
 from ztagent.identity.certs import WorkloadCertificate
 from ztagent.identity.manager import CertificateManager
@@ -54,7 +55,6 @@ from ztagent.telemetry.admin import (
     build_metrics_server,
     build_readiness_server,
 )
-from ztagent.telemetry.http import HttpServer
 from ztagent.telemetry.metrics import (
     ConnectionLabels,
     Metrics,

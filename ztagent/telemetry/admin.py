@@ -16,8 +16,9 @@ from collections.abc import Callable
 from typing import Any
 
 from ztagent.errors import LocalError
+from ztagent.http.messages import Request, Response
+from ztagent.http.server import HttpServer, Route
 from ztagent.telemetry.accesslog import LEVELS, parse_level
-from ztagent.telemetry.http import Handler, HttpServer, Request, Response
 from ztagent.telemetry.metrics import CONTENT_TYPE
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ hint: level: {"|".join(LEVELS)}
 
 _ADMIN_INDEX = (
     ("/config_dump", "dump the current configuration: workloads, services, policies, certificates"),
-    ("/logging", "query/change logging levels"),
+    ("/logging", "query/change logging levels (changes need POST)"),
     ("/quitquitquit", "shut down the agent (POST)"),
 )
 
@@ -105,7 +106,7 @@ def admin_routes(
     config_dump: Callable[[], Any],
     shutdown: Callable[[], object],
     levels: LogLevels | None = None,
-) -> dict[str, Handler]:
+) -> dict[str, Route]:
     """`config_dump()` returns a JSON-able object (dataclasses and datetimes go through
     `str`). `shutdown()` should only start the shutdown: it is called before the answer
     is written; if it returns an awaitable, that runs as a task of its own."""
@@ -130,6 +131,10 @@ def admin_routes(
         reset = req.arg("reset") is not None
         if level is None and not reset:
             return Response.text(f"current log level is {levels.describe()}\n")
+        if req.method != "POST":
+            # Changing state takes a POST, as in ztunnel's and Envoy's admin: a stray GET
+            # (a crawler, a prefetch, a misdirected scrape) must not silence the access log.
+            return Response.method_not_allowed("POST")
         try:
             if reset:
                 levels.reset()
@@ -142,7 +147,7 @@ def admin_routes(
 
     def quit_(req: Request) -> Response:
         if req.method != "POST":
-            return Response(405, (("allow", "POST"),), b"method not allowed\n")
+            return Response.method_not_allowed("POST")
         log.info("shutdown requested through the admin API", extra={"fields": {"peer": req.peer}})
         result = shutdown()
         if inspect.isawaitable(result):
@@ -165,7 +170,7 @@ def build_admin_server(
 # ---------------------------------------------------------------------------- metrics
 
 
-def metrics_routes(render: Callable[[], bytes]) -> dict[str, Handler]:
+def metrics_routes(render: Callable[[], bytes]) -> dict[str, Route]:
     """`render` is usually `Metrics.render`."""
 
     def scrape(req: Request) -> Response:
@@ -203,7 +208,7 @@ class Readiness:
 
 def readiness_routes(
     ready: Callable[[], bool], reason: Callable[[], str] | None = None
-) -> dict[str, Handler]:
+) -> dict[str, Route]:
     """200 "ready" when `ready()` is true, else 503 with `reason()`."""
 
     def healthz(req: Request) -> Response:

@@ -30,10 +30,11 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-import h11
-
 from ztagent import __version__
 from ztagent.errors import LocalError, RemoteError
+from ztagent.http.body import Body, BodyError, read_all
+from ztagent.http.h1 import Http1Client
+from ztagent.http.messages import RequestHead, UpstreamError
 
 log = logging.getLogger(__name__)
 
@@ -502,7 +503,7 @@ class OtlpExporter:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
-        self._conn: tuple[asyncio.StreamReader, asyncio.StreamWriter, h11.Connection] | None = None
+        self._client: Http1Client | None = None
         self._last_log = -_LOG_EVERY
         self._unlogged = 0
         # Counters, read by whoever reports on the exporter.
@@ -592,68 +593,45 @@ class OtlpExporter:
         self._unlogged = 0
 
     async def _post(self, body: bytes) -> None:
-        reused = self._conn is not None
+        reused = self._client is not None
         try:
             await asyncio.wait_for(self._exchange(body), _TIMEOUT)
-        except (OSError, h11.ProtocolError):
-            if not reused:
+        except (OSError, UpstreamError) as e:
+            if not reused or (isinstance(e, UpstreamError) and not e.reset):
                 raise
             # The collector may have closed the idle kept-alive connection: one fresh try.
             self._close_conn()
             await asyncio.wait_for(self._exchange(body), _TIMEOUT)
 
     async def _exchange(self, body: bytes) -> None:
-        if self._conn is None:
-            reader, writer = await asyncio.open_connection(self._host, self._port)
-            self._conn = (reader, writer, h11.Connection(h11.CLIENT))
-        reader, writer, conn = self._conn
-        request = h11.Request(
-            method="POST",
-            target=self._path,
-            headers=[
-                ("host", self._authority),
-                ("content-type", "application/json"),
-                ("content-length", str(len(body))),
-                ("user-agent", f"ztagent/{__version__}"),
-            ],
-        )
-        writer.write(
-            conn.send(request) + conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage())
-        )
-        await writer.drain()
-        status = 0
-        size = 0
-        got_any = False
-        while True:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                data = await reader.read(65536)
-                if not data and not got_any:
-                    raise _StaleConnection("connection closed before a response")
-                got_any = got_any or bool(data)
-                conn.receive_data(data)
-                continue
-            if isinstance(event, h11.Response):
-                status = event.status_code
-            elif isinstance(event, h11.Data):
-                size += len(event.data)
-                if size > _MAX_RESPONSE:
-                    raise RemoteError("collector response too large")
-            elif isinstance(event, h11.EndOfMessage):
-                break
-            elif isinstance(event, h11.ConnectionClosed):
-                raise RemoteError("collector closed the connection mid-response")
-        if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
-            conn.start_next_cycle()
-        else:
+        client = self._client
+        if client is None or not client.reusable:
             self._close_conn()
-        if not 200 <= status < 300:
-            raise RemoteError(f"collector answered HTTP {status}", status)
+            reader, writer = await asyncio.open_connection(self._host, self._port)
+            client = self._client = Http1Client(reader, writer)
+        head = RequestHead(
+            "POST",
+            self._authority,
+            self._path,
+            [("content-type", "application/json"), ("user-agent", f"ztagent/{__version__}")],
+        )
+        response, answer = await client.request(head, Body.of(body))
+        try:
+            if await read_all(answer, _MAX_RESPONSE) is None:
+                raise RemoteError("collector response too large")
+        except BodyError as e:
+            raise RemoteError(f"collector response cut short: {e}") from None
+        finally:
+            answer.fail(BodyError("response read"))  # the rest, if any, is unwanted
+        if not client.reusable:
+            self._close_conn()
+        if not 200 <= response.status < 300:
+            raise RemoteError(f"collector answered HTTP {response.status}", response.status)
 
     def _close_conn(self) -> None:
-        if self._conn is not None:
-            self._conn[1].close()
-            self._conn = None
+        if self._client is not None:
+            self._client.close()
+            self._client = None
 
     # ------------------------------------------------------------ shutdown
 
@@ -684,7 +662,3 @@ class OtlpExporter:
         self.dropped += len(self._queue)
         self._queue.clear()
         self._close_conn()
-
-
-class _StaleConnection(ConnectionError):
-    """A reused connection was closed by the collector before it answered."""

@@ -30,6 +30,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ztagent.http.messages import RequestHead
 from ztagent.identity.spiffe import Identity
 from ztagent.istio import jwt, routes
 from ztagent.istio.authorization import l7 as authz
@@ -42,7 +43,6 @@ from ztagent.model.workload import Service, Workload
 from ztagent.telemetry.tracing import REQUEST_ID, Span
 from ztagent.waypoint.cluster import Cluster, Clusters, Endpoint, UpstreamKey
 from ztagent.waypoint.config import WaypointConfig
-from ztagent.waypoint.http import RequestHead
 
 log = logging.getLogger(__name__)
 

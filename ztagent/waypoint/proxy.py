@@ -28,6 +28,10 @@ from ztagent.hbone.client import HboneClient, Tunnel, TunnelFailed, TunnelRefuse
 from ztagent.hbone.connection import TcpLeg
 from ztagent.hbone.frames import format_authority
 from ztagent.hbone.server import Deny, InboundRequest, Serve
+from ztagent.http.body import Body, BodyError
+from ztagent.http.detect import detect_protocol
+from ztagent.http.messages import RequestHead, ResponseHead, UpstreamError
+from ztagent.http.server import serve_http
 from ztagent.identity.spiffe import Identity
 from ztagent.model.store import ProxyState
 from ztagent.model.workload import HBONE_MTLS_PORT, Service, Workload
@@ -36,16 +40,6 @@ from ztagent.telemetry.requests import RequestLabels, RequestMetrics
 from ztagent.telemetry.tracing import OtlpExporter, Span, ensure_request_id, start_span
 from ztagent.waypoint.cluster import UpstreamKey
 from ztagent.waypoint.config import WaypointConfig
-from ztagent.waypoint.http import (
-    Body,
-    BodyError,
-    RequestHead,
-    ResponseHead,
-    UpstreamError,
-    detect_protocol,
-    serve_http1,
-    serve_http2,
-)
 from ztagent.waypoint.pipe import leg_streams
 from ztagent.waypoint.pipeline import (
     GRPC_CONTENT_TYPE,
@@ -194,9 +188,9 @@ class Waypoint:
                 return await self.handle(head, body, down)
 
             if kind == "http1":
-                await serve_http1(reader, writer, handler, early=data)
+                await serve_http(reader, writer, handler, "http1", early=data)
             elif kind == "http2":
-                await serve_http2(reader, writer, handler, early=data)
+                await serve_http(reader, writer, handler, "http2", early=data)
             elif kind == "tcp":
                 await self._relay_tcp(reader, writer, data, down)
         except (ConnectionError, BodyError) as exc:

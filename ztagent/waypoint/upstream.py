@@ -17,15 +17,12 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from ztagent.http.body import Body
+from ztagent.http.h1 import Http1Client
+from ztagent.http.h2 import Http2Client
+from ztagent.http.messages import RequestHead, ResponseHead
 from ztagent.istio.destination import ConnectionPool, Overflow
 from ztagent.waypoint.cluster import UpstreamKey
-from ztagent.waypoint.http import (
-    Body,
-    Http1Client,
-    Http2Client,
-    RequestHead,
-    ResponseHead,
-)
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""The waypoint's HTTP layer on loopback, between real clients and real servers.
+"""The HTTP stack (`ztagent.http`) on loopback, between real clients and real servers.
 
 A tiny forwarding proxy is built from the module under test: `sniff_protocol` on the first
 bytes, then `serve_http1`/`serve_http2` downstream, and each request forwarded through
@@ -22,18 +22,11 @@ import h11
 import httpx
 import pytest
 
-from ztagent.waypoint.http import (
-    Body,
-    BodyError,
-    Http1Client,
-    Http2Client,
-    RequestHead,
-    ResponseHead,
-    UpstreamError,
-    serve_http1,
-    serve_http2,
-    sniff_protocol,
-)
+from ztagent.http.body import Body, BodyError
+from ztagent.http.detect import sniff_protocol
+from ztagent.http.h1 import Http1Client, serve_http1
+from ztagent.http.h2 import Http2Client, serve_http2
+from ztagent.http.messages import RequestHead, ResponseHead, UpstreamError
 
 pytestmark = pytest.mark.integration
 

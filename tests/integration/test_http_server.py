@@ -23,6 +23,8 @@ import pytest
 import uvloop
 from prometheus_client.parser import text_string_to_metric_families
 
+from ztagent.http.messages import Request, Response
+from ztagent.http.server import HttpServer
 from ztagent.telemetry.admin import (
     LogLevels,
     Readiness,
@@ -30,7 +32,6 @@ from ztagent.telemetry.admin import (
     build_metrics_server,
     build_readiness_server,
 )
-from ztagent.telemetry.http import HttpServer, Request, Response
 from ztagent.telemetry.metrics import ConnectionLabels, Metrics
 
 pytestmark = pytest.mark.integration
@@ -132,7 +133,9 @@ def test_logging_level_change_takes_effect(agent: Agent) -> None:
     status, _, body = _fetch(agent.url(agent.admin, "/logging?level=debug"), "POST")
     assert status == 200 and body.decode().strip().endswith("debug")
     assert probe.isEnabledFor(logging.DEBUG)
-    status, _, body = _fetch(agent.url(agent.admin, "/logging?level=error"))
+    assert _fetch(agent.url(agent.admin, "/logging?level=error"))[0] == 405
+    assert probe.isEnabledFor(logging.DEBUG)
+    status, _, body = _fetch(agent.url(agent.admin, "/logging?level=error"), "POST")
     assert status == 200 and not probe.isEnabledFor(logging.WARNING)
     status, _, body = _fetch(agent.url(agent.admin, "/logging"))
     assert status == 200 and body.endswith(b",error\n") and b"ztagent=error" in body
@@ -221,7 +224,7 @@ def test_handler_exception_is_500_and_logged(caplog: pytest.LogCaptureFixture) -
     thread.start()
     try:
         asyncio.run_coroutine_threadsafe(server.start(), loop).result(TIMEOUT)
-        with caplog.at_level(logging.ERROR, logger="ztagent.telemetry.http"):
+        with caplog.at_level(logging.ERROR, logger="ztagent.http.server"):
             assert _fetch(server.url + "/boom")[0] == 500
         assert any("handler bug" in (r.exc_text or "") for r in caplog.records)
         assert _fetch(server.url + "/fine?who=me%20too")[2] == b"hello me too GET 0\n"
@@ -237,7 +240,7 @@ def test_handler_exception_is_500_and_logged(caplog: pytest.LogCaptureFixture) -
 
 def test_slow_or_idle_connection_is_closed_and_others_served() -> None:
     loop = uvloop.new_event_loop()
-    server = HttpServer({"/": lambda req: Response.text("ok\n")}, request_timeout=0.3)
+    server = HttpServer({"/": lambda req: Response.text("ok\n")}, head_timeout=0.3)
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
     try:
@@ -251,3 +254,51 @@ def test_slow_or_idle_connection_is_closed_and_others_served() -> None:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(TIMEOUT)
         loop.close()
+
+
+def test_at_the_cap_the_idle_connection_closes_and_busy_ones_stay() -> None:
+    async def main() -> None:
+        release = asyncio.Event()
+
+        async def slow(req: Request) -> Response:
+            await release.wait()
+            return Response.text("slow\n")
+
+        server = HttpServer(
+            {"/slow": slow, "/": lambda req: Response.text("ok\n")}, max_connections=2
+        )
+        addr = await server.start()
+        try:
+            busy_r, busy_w = await asyncio.open_connection(*addr)
+            busy_w.write(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+            idle_r, idle_w = await asyncio.open_connection(*addr)
+            await asyncio.sleep(0.1)
+            # A third connection closes the idle one, not the one being answered.
+            r, w = await asyncio.open_connection(*addr)
+            w.write(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            assert (await asyncio.wait_for(r.read(1000), TIMEOUT)).startswith(b"HTTP/1.1 200 ")
+            assert await asyncio.wait_for(idle_r.read(100), TIMEOUT) == b""
+            w.close()
+            idle_w.close()
+            # Both slots busy: a new connection is refused.
+            other_r, other_w = await asyncio.open_connection(*addr)
+            other_w.write(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+            await asyncio.sleep(0.1)
+            r, w = await asyncio.open_connection(*addr)
+            w.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            try:
+                refused = await asyncio.wait_for(r.read(1000), TIMEOUT)
+            except ConnectionResetError:  # closed with our request unread
+                refused = b""
+            assert refused == b""
+            w.close()
+            release.set()
+            for reader in (busy_r, other_r):
+                reply = await asyncio.wait_for(reader.readuntil(b"slow\n"), TIMEOUT)
+                assert reply.startswith(b"HTTP/1.1 200 ")
+            busy_w.close()
+            other_w.close()
+        finally:
+            await server.close()
+
+    asyncio.run(asyncio.wait_for(main(), 20))

@@ -1,4 +1,4 @@
-"""Protocol detection and the streamed Body of the waypoint's HTTP layer, in memory."""
+"""Protocol detection, header rules and the streamed Body of the HTTP stack, in memory."""
 
 from __future__ import annotations
 
@@ -9,14 +9,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ztagent.waypoint.http import (
-    HOP_BY_HOP,
-    HTTP2_PREFACE,
-    Body,
-    BodyError,
-    _clean_headers,
-    detect_protocol,
-)
+from ztagent.http.body import Body, BodyError
+from ztagent.http.detect import HTTP2_PREFACE, detect_protocol
+from ztagent.http.messages import HOP_BY_HOP, clean_headers
 
 
 def run(coro_fn: Callable[[], Awaitable[None]]) -> None:
@@ -105,9 +100,9 @@ def test_clean_headers_drops_hop_by_hop_and_keeps_te_trailers() -> None:
         (b":path", b"/"),
         (b"Content-Type", b"text/plain"),
     ]
-    assert _clean_headers(raw) == [("te", "trailers"), ("content-type", "text/plain")]
+    assert clean_headers(raw) == [("te", "trailers"), ("content-type", "text/plain")]
     assert {"connection", "te", "host", "transfer-encoding", "upgrade"} <= HOP_BY_HOP
-    assert _clean_headers([(b"te", b"gzip")]) == []
+    assert clean_headers([(b"te", b"gzip")]) == []
 
 
 # ------------------------------------------------------------------ Body
