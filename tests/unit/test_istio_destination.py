@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import textwrap
+from fractions import Fraction
 
 import pytest
 from hypothesis import given
@@ -30,12 +31,12 @@ from ztagent.istio.destination import (
     TrafficPolicy,
     parse_destination_rule,
     parse_destination_rules,
-    parse_duration,
     rule_for_host,
     subset_endpoints,
 )
 from ztagent.istio.envelope import Resource
 from ztagent.istio.outlier import OutlierDetection
+from ztagent.model.fields import parse_go_duration
 
 GOLDEN = """
 apiVersion: networking.istio.io/v1
@@ -325,7 +326,7 @@ def test_unsupported_but_valid_fields_are_noted() -> None:
     ],
 )
 def test_durations(text: str, seconds: float) -> None:
-    assert parse_duration(text) == round(seconds * 1e9)
+    assert parse_go_duration(text) == Fraction(round(seconds * 1e9), 10**9)
     spec = f"host: r\ntrafficPolicy:\n  outlierDetection: {{interval: {text!r}}}"
     outlier = parse_one(rule_with(spec)).policy().outlier_detection
     assert outlier is not None and outlier.interval == seconds

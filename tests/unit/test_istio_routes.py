@@ -20,32 +20,35 @@ from hypothesis import strategies as st
 
 from ztagent.control.sources import parse_documents
 from ztagent.istio.resilience import DEFAULT_RETRY_POLICY, FaultPolicy, RetryPolicy
-from ztagent.istio.routes import (
-    MATCH_ALL,
+from ztagent.istio.routing import (
     Destination,
     DirectResponse,
     Forward,
-    HeaderMatch,
-    HeaderOps,
     Headers,
-    MatchKind,
-    Mirror,
-    PortMode,
-    QueryMatch,
     Redirect,
     Request,
-    RequestMatch,
-    Rewrite,
     RouteConfig,
     RouteOptions,
     ServiceRef,
-    StringMatch,
-    compile_re2,
-    parse_go_duration,
     parse_routes,
-    re2_to_python,
+)
+from ztagent.istio.routing.actions import (
+    HeaderOps,
+    Mirror,
+    PortMode,
+    Rewrite,
     replace_segment_prefix,
 )
+from ztagent.istio.routing.match import (
+    MATCH_ALL,
+    HeaderMatch,
+    MatchKind,
+    QueryMatch,
+    RequestMatch,
+    ValueMatch,
+)
+from ztagent.istio.routing.re2 import compile_re2, re2_to_python
+from ztagent.model.fields import parse_go_duration
 
 NS = "shop"
 REVIEWS = ServiceRef.kubernetes("reviews", NS)
@@ -204,12 +207,12 @@ def test_golden_virtual_service():
     assert first.source.rule_name == "jason"
     assert first.matches == (
         RequestMatch(
-            path=StringMatch(MatchKind.PREFIX, "/api/", ignore_case=True),
-            headers=(HeaderMatch("end-user", StringMatch(MatchKind.EXACT, "jason")),),
+            path=ValueMatch(MatchKind.PREFIX, "/api/", ignore_case=True),
+            headers=(HeaderMatch("end-user", ValueMatch(MatchKind.EXACT, "jason")),),
         ),
         RequestMatch(
-            headers=(HeaderMatch("x-canary", StringMatch(MatchKind.PRESENT), invert=True),),
-            query_params=(QueryMatch("debug", StringMatch(MatchKind.REGEX, "1|true")),),
+            headers=(HeaderMatch("x-canary", ValueMatch(MatchKind.PRESENT), invert=True),),
+            query_params=(QueryMatch("debug", ValueMatch(MatchKind.REGEX, "1|true")),),
             port=9080,
         ),
     )
@@ -296,13 +299,13 @@ def test_golden_http_route():
     assert (second.source.rule, second.source.match) == (0, 1)
     assert first.matches == (
         RequestMatch(
-            path=StringMatch(MatchKind.SEGMENT_PREFIX, "/v1"),
-            method=StringMatch(MatchKind.EXACT, "GET"),
-            headers=(HeaderMatch("x-env", StringMatch(MatchKind.EXACT, "prod")),),
-            query_params=(QueryMatch("page", StringMatch(MatchKind.REGEX, "[0-9]+")),),
+            path=ValueMatch(MatchKind.SEGMENT_PREFIX, "/v1"),
+            method=ValueMatch(MatchKind.EXACT, "GET"),
+            headers=(HeaderMatch("x-env", ValueMatch(MatchKind.EXACT, "prod")),),
+            query_params=(QueryMatch("page", ValueMatch(MatchKind.REGEX, "[0-9]+")),),
         ),
     )
-    assert second.matches == (RequestMatch(path=StringMatch(MatchKind.EXACT, "/health")),)
+    assert second.matches == (RequestMatch(path=ValueMatch(MatchKind.EXACT, "/health")),)
     host = "ratings-{}.shop.svc.cluster.local"
     assert first.action == Forward(
         (Destination(host.format("v1"), 9080, weight=3), Destination(host.format("v2"), 9080))
@@ -331,7 +334,7 @@ def test_golden_http_route():
         backoff_base=0.1,
     )
     assert third.action == DirectResponse(500)
-    assert third.matches == (RequestMatch(path=StringMatch(MatchKind.SEGMENT_PREFIX, "")),)
+    assert third.matches == (RequestMatch(path=ValueMatch(MatchKind.SEGMENT_PREFIX, "")),)
     assert third.retry is None and third.timeout is None
 
 
@@ -1485,7 +1488,7 @@ def test_virtual_service_regex_rewrite():
         config.table(REVIEWS, 9080).select(request).upstream_path(request)
         == "/v1/api/instance/foo?x=1"
     )
-    every = Rewrite(regex=StringMatch.regex("o"), substitution="0")
+    every = Rewrite(regex=ValueMatch.regex("o"), substitution="0")
     assert every.path(req("/foo/boo")) == "/f00/b00"
 
 
@@ -1662,14 +1665,14 @@ paths = st.lists(segment, min_size=0, max_size=4).map(lambda parts: "/" + "/".jo
 
 @given(paths, paths)
 def test_exact_path_never_matches_another_path(route_path, request_path):
-    match = RequestMatch(path=StringMatch(MatchKind.EXACT, route_path))
+    match = RequestMatch(path=ValueMatch(MatchKind.EXACT, route_path))
     assert match.matches(Request("GET", request_path + "?q=1")) is (request_path == route_path)
 
 
 @given(paths, paths)
 def test_segment_prefix_semantics(prefix, path):
     value = prefix.rstrip("/")
-    match = RequestMatch(path=StringMatch(MatchKind.SEGMENT_PREFIX, value))
+    match = RequestMatch(path=ValueMatch(MatchKind.SEGMENT_PREFIX, value))
     expected = path == value or path.startswith(value + "/")
     assert match.matches(Request("GET", path)) is expected
     if expected:
@@ -1680,7 +1683,7 @@ def test_segment_prefix_semantics(prefix, path):
 
 @given(paths, paths)
 def test_string_prefix_semantics(prefix, path):
-    match = RequestMatch(path=StringMatch(MatchKind.PREFIX, prefix))
+    match = RequestMatch(path=ValueMatch(MatchKind.PREFIX, prefix))
     assert match.matches(Request("GET", path + "#frag")) is path.startswith(prefix)
 
 

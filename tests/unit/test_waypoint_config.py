@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import yaml
 
-from ztagent.istio.routes import ServiceRef
+from ztagent.istio.routing import ServiceRef
 from ztagent.model.workload import Workload
 from ztagent.waypoint.config import ServicePort, WaypointConfig, build_config, select_protocol
 

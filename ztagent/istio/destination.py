@@ -25,7 +25,8 @@ Meaning follows Istio and the Envoy configuration istiod generates:
   (locality load balancing, warm-up, cookie generation, maglev table size, TCP keepalive,
   tunnel, proxy protocol, workloadSelector) are noted, never silently dropped.
 - Durations are strings as Kubernetes stores them: Go/protobuf durations such as "10s", "0.5s",
-  "1m30s", "250ms"; Istio requires at least 1ms and whole milliseconds.
+  "1m30s", "250ms"; Istio requires at least 1ms and whole milliseconds
+  (`ztagent.model.fields.duration`).
 
 A bad rule is left out with a `ResourceError` naming the kind, `namespace/name`, the field path
 and the reason; every other rule is still read. Pure: no I/O, no clock.
@@ -49,6 +50,7 @@ from ztagent.istio.balancer import (
     LoadBalancerSettings,
 )
 from ztagent.istio.envelope import Resource, ResourceError
+from ztagent.istio.names import DEFAULT_DOMAIN_SUFFIX, qualify_host
 from ztagent.istio.outlier import (
     DEFAULT_BASE_EJECTION_TIME,
     DEFAULT_CONSECUTIVE_5XX_ERRORS,
@@ -56,8 +58,9 @@ from ztagent.istio.outlier import (
     DEFAULT_MAX_EJECTION_PERCENT,
     OutlierDetection,
 )
-from ztagent.model.fields import Invalid, show
+from ztagent.model.fields import Invalid, duration, show
 from ztagent.model.fields import at as _at
+from ztagent.model.fields import boolean as _bool
 from ztagent.model.fields import kube_type_name as _type_name
 from ztagent.model.fields import mapping as _map
 from ztagent.model.fields import only as _only
@@ -69,7 +72,6 @@ log = logging.getLogger(__name__)
 KIND = "DestinationRule"
 GROUP = "networking.istio.io"
 VERSIONS = ("v1", "v1beta1", "v1alpha3")
-DEFAULT_DOMAIN_SUFFIX = "cluster.local"
 UNLIMITED = 2**32 - 1
 """istiod's default for every circuit breaker threshold (math.MaxUint32)."""
 DEFAULT_CONNECT_TIMEOUT = 10.0
@@ -394,14 +396,6 @@ class _Reader:
         log.debug("%s %s: %s: %s", KIND, self.key, path, reason)
 
 
-def _bool(value: object, path: str) -> bool:
-    if value is None:
-        return False
-    if not isinstance(value, bool):
-        raise Invalid(path, f"must be a boolean, got {_type_name(value)}")
-    return value
-
-
 def _int(value: object, path: str, *, maximum: int = 2**31 - 1) -> int | None:
     """A non-negative integer up to `maximum`; None when absent."""
     if value is None:
@@ -422,57 +416,9 @@ def _percent(value: object, path: str) -> int | None:
     return number
 
 
-_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
-_UNIT_NS = {
-    "ns": 1,
-    "us": 1_000,
-    "µs": 1_000,
-    "ms": 1_000_000,
-    "s": 1_000_000_000,
-    "m": 60_000_000_000,
-    "h": 3_600_000_000_000,
-}
-
-
-def parse_duration(text: str) -> int:
-    """A Go or protobuf JSON duration string (`"1.5s"`, `"1m30s"`, `"250ms"`) in nanoseconds.
-
-    Raises ValueError for anything else, including a sign (no DestinationRule duration may be
-    negative).
-    """
-    if not text:
-        raise ValueError("empty")
-    total = 0
-    position = 0
-    while position < len(text):
-        match = _DURATION_PART.match(text, position)
-        if match is None:
-            raise ValueError(text)
-        number, unit = match.groups()
-        whole, _, fraction = number.partition(".")
-        scale = _UNIT_NS[unit]
-        total += int(whole or "0") * scale
-        if fraction:
-            total += int(fraction) * scale // 10 ** len(fraction)
-        position = match.end()
-    return total
-
-
 def _duration(value: object, path: str) -> float | None:
-    """Seconds, from a duration string Istio accepts (>= 1ms, whole milliseconds)."""
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise Invalid(path, f'must be a duration string such as "10s", got {_type_name(value)}')
-    try:
-        nanos = parse_duration(value.strip())
-    except ValueError:
-        raise Invalid(path, f'{show(value)} is not a duration (such as "10s" or "1.5s")') from None
-    if nanos < 1_000_000:
-        raise Invalid(path, f"{show(value)}: a duration must be at least 1ms")
-    if nanos % 1_000_000:
-        raise Invalid(path, f"{show(value)}: only whole milliseconds are supported")
-    return nanos / 1e9
+    """Seconds (Istio's ValidateDuration: at least 1ms, whole milliseconds); None when unset."""
+    return None if value is None else duration(value, path)
 
 
 _LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
@@ -495,9 +441,7 @@ def _host(value: object, path: str, namespace: str, domain_suffix: str) -> str:
     check = labels[1:] if labels[0] == "*" else labels
     if len(host) > 255 or not check or not all(_LABEL.fullmatch(label) for label in check):
         raise Invalid(path, f"{show(host)} is not a valid host name")
-    if "." not in host:
-        return f"{host}.{namespace}.svc.{domain_suffix}"
-    return host
+    return qualify_host(host, namespace, domain_suffix)
 
 
 _SIMPLE = {
@@ -911,7 +855,6 @@ __all__ = [
     "TrafficPolicy",
     "parse_destination_rule",
     "parse_destination_rules",
-    "parse_duration",
     "rule_for_host",
     "subset_endpoints",
 ]

@@ -22,7 +22,7 @@ from ztagent.istio.destination import (
     rule_for_host,
 )
 from ztagent.istio.outlier import LocalOrigin, OutlierDetector
-from ztagent.istio.routes import Request
+from ztagent.istio.routing import Request
 from ztagent.model.store import ProxyState
 from ztagent.model.workload import Service, Workload
 from ztagent.waypoint.config import WaypointConfig
