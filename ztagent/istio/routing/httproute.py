@@ -100,30 +100,16 @@ def _gw_match(value: object, path: str) -> RequestMatch:
         raise Invalid(
             _at(ppath, "type"), f"{show(kind)} is not Exact, PathPrefix or RegularExpression"
         )
-    headers: list[HeaderMatch] = []
-    seen: set[str] = set()
-    hpath = _at(path, "headers")
-    for i, item in enumerate(_list(data.get("headers"), hpath)):
-        ipath = _at(hpath, i)
-        h = _map(item, ipath)
-        _only(h, ipath, ("type", "name", "value"))
-        name = _header_name(h.get("name"), _at(ipath, "name"))
-        hm = _gw_value_match(h, ipath)
-        if name.lower() not in seen:
-            seen.add(name.lower())
-            headers.append(HeaderMatch(name.lower(), hm))
-    query: list[QueryMatch] = []
-    qseen: set[str] = set()
-    qpath = _at(path, "queryParams")
-    for i, item in enumerate(_list(data.get("queryParams"), qpath)):
-        ipath = _at(qpath, i)
-        q = _map(item, ipath)
-        _only(q, ipath, ("type", "name", "value"))
-        name = _header_name(q.get("name"), _at(ipath, "name"))
-        qm = _gw_value_match(q, ipath)
-        if name not in qseen:
-            qseen.add(name)
-            query.append(QueryMatch(name, qm))
+    headers = [
+        HeaderMatch(name, match)
+        for name, match in _gw_named_matches(data.get("headers"), _at(path, "headers"), True)
+    ]
+    query = [
+        QueryMatch(name, match)
+        for name, match in _gw_named_matches(
+            data.get("queryParams"), _at(path, "queryParams"), False
+        )
+    ]
     method = None
     if data.get("method") is not None:
         text = _str(data["method"], _at(path, "method"))
@@ -131,6 +117,25 @@ def _gw_match(value: object, path: str) -> RequestMatch:
             raise Invalid(_at(path, "method"), f"{show(text)} is not one of {', '.join(_METHODS)}")
         method = ValueMatch(MatchKind.EXACT, text)
     return RequestMatch(matcher, method, None, None, tuple(headers), tuple(query))
+
+
+def _gw_named_matches(items: object, path: str, fold_case: bool) -> list[tuple[str, ValueMatch]]:
+    """HTTPHeaderMatch or HTTPQueryParamMatch entries as (name, match): the first entry of a
+    name wins ("subsequent entries with an equivalent name MUST be ignored"); header names
+    (`fold_case`) compare and are kept lower-case, query parameter names exactly."""
+    out: list[tuple[str, ValueMatch]] = []
+    seen: set[str] = set()
+    for i, item in enumerate(_list(items, path)):
+        ipath = _at(path, i)
+        data = _map(item, ipath)
+        _only(data, ipath, ("type", "name", "value"))
+        name = _header_name(data.get("name"), _at(ipath, "name"))
+        match = _gw_value_match(data, ipath)
+        key = name.lower() if fold_case else name
+        if key not in seen:
+            seen.add(key)
+            out.append((key, match))
+    return out
 
 
 def _gw_value_match(data: Mapping[str, Any], path: str) -> ValueMatch:
