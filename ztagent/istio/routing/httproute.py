@@ -102,12 +102,14 @@ def _gw_match(value: object, path: str) -> RequestMatch:
         )
     headers = [
         HeaderMatch(name, match)
-        for name, match in _gw_named_matches(data.get("headers"), _at(path, "headers"), True)
+        for name, match in _gw_named_matches(
+            data.get("headers"), _at(path, "headers"), fold_case=True
+        )
     ]
     query = [
         QueryMatch(name, match)
         for name, match in _gw_named_matches(
-            data.get("queryParams"), _at(path, "queryParams"), False
+            data.get("queryParams"), _at(path, "queryParams"), fold_case=False
         )
     ]
     method = None
@@ -119,7 +121,7 @@ def _gw_match(value: object, path: str) -> RequestMatch:
     return RequestMatch(matcher, method, None, None, tuple(headers), tuple(query))
 
 
-def _gw_named_matches(items: object, path: str, fold_case: bool) -> list[tuple[str, ValueMatch]]:
+def _gw_named_matches(items: object, path: str, *, fold_case: bool) -> list[tuple[str, ValueMatch]]:
     """HTTPHeaderMatch or HTTPQueryParamMatch entries as (name, match): the first entry of a
     name wins ("subsequent entries with an equivalent name MUST be ignored"); header names
     (`fold_case`) compare and are kept lower-case, query parameter names exactly."""
