@@ -62,6 +62,7 @@ from ztagent.model.fields import Invalid, duration, show
 from ztagent.model.fields import at as _at
 from ztagent.model.fields import boolean as _bool
 from ztagent.model.fields import kube_type_name as _type_name
+from ztagent.model.fields import labels as _labels
 from ztagent.model.fields import mapping as _map
 from ztagent.model.fields import only as _only
 from ztagent.model.fields import sequence as _list
@@ -749,11 +750,7 @@ def _subsets(r: _Reader, value: object, path: str) -> tuple[Subset, ...]:
         if name in names:
             raise Invalid(_at(item_path, "name"), f"subset {show(name)} is defined twice")
         names.add(name)
-        labels_path = _at(item_path, "labels")
-        labels = _map(data.get("labels"), labels_path)
-        for key, label in labels.items():
-            if not isinstance(label, str):
-                raise Invalid(_at(labels_path, key), f"must be a string, got {_type_name(label)}")
+        labels = _labels(data.get("labels"), _at(item_path, "labels"))
         policy = _traffic_policy(r, data.get("trafficPolicy"), _at(item_path, "trafficPolicy"))
         subsets.append(Subset(name, dict(labels), policy))
     return tuple(subsets)

@@ -279,17 +279,24 @@ def _requires_prefix_matches(matches: list[RequestMatch], path: str) -> None:
             raise Invalid(path, "ReplacePrefixMatch requires PathPrefix matches only")
 
 
+def _gw_new_path(
+    data: Mapping[str, Any], path: str, matches: list[RequestMatch]
+) -> tuple[str | None, str | None]:
+    """The `path` of a URLRewrite or RequestRedirect filter as (full path, prefix): at most
+    one is set; ReplacePrefixMatch needs every match of the rule to be a PathPrefix."""
+    if data.get("path") is None:
+        return None, None
+    kind, text = _gw_path_modifier(data["path"], _at(path, "path"))
+    if kind == "ReplaceFullPath":
+        return text, None
+    _requires_prefix_matches(matches, _at(path, "path"))
+    return None, text
+
+
 def _gw_rewrite(data: Mapping[str, Any], path: str, matches: list[RequestMatch]) -> Rewrite:
     _only(data, path, ("hostname", "path"))
     hostname = _str(data.get("hostname"), _at(path, "hostname")) or None
-    full = prefix = None
-    if data.get("path") is not None:
-        kind, text = _gw_path_modifier(data["path"], _at(path, "path"))
-        if kind == "ReplaceFullPath":
-            full = text
-        else:
-            _requires_prefix_matches(matches, _at(path, "path"))
-            prefix = text
+    full, prefix = _gw_new_path(data, path, matches)
     return Rewrite(segment_prefix=prefix, full_path=full, authority=hostname)
 
 
@@ -309,14 +316,7 @@ def _gw_redirect(data: Mapping[str, Any], path: str, matches: list[RequestMatch]
         status = _int(data["statusCode"], _at(path, "statusCode"), 300, 399)
         if status not in (301, 302, 303, 307, 308):
             raise Invalid(_at(path, "statusCode"), f"{status} is not 301, 302, 303, 307 or 308")
-    full = prefix = None
-    if data.get("path") is not None:
-        kind, text = _gw_path_modifier(data["path"], _at(path, "path"))
-        if kind == "ReplaceFullPath":
-            full = text
-        else:
-            _requires_prefix_matches(matches, _at(path, "path"))
-            prefix = text
+    full, prefix = _gw_new_path(data, path, matches)
     mode = PortMode.PROTOCOL_DEFAULT if scheme is not None else PortMode.REQUEST
     return Redirect(status, scheme, hostname, port, mode, full, prefix, segments=True)
 
