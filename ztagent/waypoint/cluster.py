@@ -15,12 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from ztagent.istio.balancer import Balancer, HashInput, new_balancer
-from ztagent.istio.destination import (
-    DEFAULT_POLICY,
-    ConnectionPool,
-    EffectivePolicy,
-    rule_for_host,
-)
+from ztagent.istio.connection_pool import ConnectionPool
+from ztagent.istio.destination import DEFAULT_POLICY, EffectivePolicy, rule_for_host
 from ztagent.istio.outlier import LocalOrigin, OutlierDetector
 from ztagent.istio.routing import Request
 from ztagent.model.store import ProxyState

@@ -31,7 +31,8 @@ from dataclasses import dataclass
 from ztagent.identity.spiffe import Identity
 from ztagent.istio import jwt, routing
 from ztagent.istio.authorization import l7 as authz
-from ztagent.istio.destination import DEFAULT_POLICY, ConnectionPool, Overflow
+from ztagent.istio.connection_pool import ConnectionPool, Overflow
+from ztagent.istio.destination import DEFAULT_POLICY
 from ztagent.istio.outlier import LocalOrigin
 from ztagent.istio.resilience import Failure, RetryPolicy
 from ztagent.istio.routing import Headers, Request, RouteChoice, ServiceRef, SourceInfo

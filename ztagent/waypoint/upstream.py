@@ -17,7 +17,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from ztagent.istio.destination import ConnectionPool, Overflow
+from ztagent.istio.connection_pool import ConnectionPool, Overflow
 from ztagent.waypoint.cluster import UpstreamKey
 from ztagent.waypoint.http import (
     Body,
