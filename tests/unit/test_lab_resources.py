@@ -18,7 +18,7 @@ from ztagent.istio.authorization.l7 import read_authorization_policies
 from ztagent.istio.destination import parse_destination_rules
 from ztagent.istio.envelope import Resource
 from ztagent.istio.jwt import load_jwks, read_request_authentications
-from ztagent.istio.routes import Headers, Request, ServiceRef, parse_routes
+from ztagent.istio.routing import Headers, Request, ServiceRef, parse_routes
 from ztagent.lab.resources import (
     JWT_AUDIENCE,
     JWT_ISSUER,

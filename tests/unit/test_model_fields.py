@@ -9,8 +9,10 @@ import pytest
 
 from ztagent.model.fields import (
     Invalid,
+    boolean,
     cidr,
     duration,
+    gateway_duration,
     integer,
     ip,
     number,
@@ -94,3 +96,31 @@ def test_duration_field_follows_istio_validation() -> None:
     with pytest.raises(Invalid, match="must be a duration string"):
         duration(5, "t")
     assert duration("0", "t", minimum=Fraction(0)) == 0.0
+
+
+def test_port_typed_integer_refuses_digit_strings_in_integer_wording() -> None:
+    assert port(8080, "p", digit_strings=False) == 8080
+    with pytest.raises(Invalid, match="must be an integer, got a string"):
+        port("8080", "p", digit_strings=False)
+    with pytest.raises(Invalid, match="70000 is not in 1-65535"):
+        port(70000, "p", digit_strings=False)
+
+
+def test_boolean() -> None:
+    assert boolean(None, "b") is False
+    assert boolean(True, "b") is True
+    with pytest.raises(Invalid, match="must be a boolean, got a string"):
+        boolean("true", "b")
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("10s", 10.0), ("500ms", 0.5), ("1h30m", 5400.0), ("0s", 0.0)]
+)
+def test_gateway_durations(text: str, seconds: float) -> None:
+    assert gateway_duration(text, "t") == seconds
+
+
+@pytest.mark.parametrize("text", ["1.5s", "-1s", "+1s", "123456s", "1d", "1s1s1s1s1s", "\u0661s"])
+def test_gateway_durations_refused(text: str) -> None:
+    with pytest.raises(Invalid, match="is not a Gateway API duration"):
+        gateway_duration(text, "t")

@@ -8,7 +8,9 @@ from typing import Any
 import pytest
 import yaml
 
-from ztagent.istio.routes import ServiceRef
+from ztagent.control.sources import parse_documents
+from ztagent.control.xds import waypoint_resources
+from ztagent.istio.routing import ServiceRef
 from ztagent.model.workload import Workload
 from ztagent.waypoint.config import ServicePort, WaypointConfig, build_config, select_protocol
 
@@ -202,3 +204,92 @@ def test_labels_for_subsets_come_from_the_canonical_name_and_revision():
     assert labels["app"] == "reviews" and labels["version"] == "v2"
     assert labels["service.istio.io/canonical-revision"] == "v2"
     assert WaypointConfig.empty().protocol(REVIEWS, 9080) == "unknown"
+
+
+TRAFFIC = """
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: bad-weight, namespace: shop}
+spec:
+  hosts: [reviews]
+  http: [{route: [{destination: {host: reviews}, weight: -1}]}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: bad-timeout, namespace: shop}
+spec:
+  hosts: [reviews]
+  http: [{route: [{destination: {host: reviews}}], timeout: 1.0005s}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: bad-port, namespace: shop}
+spec:
+  hosts: [reviews]
+  http: [{match: [{port: "9080"}], route: [{destination: {host: reviews}}]}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: good, namespace: shop}
+spec:
+  hosts: [reviews]
+  http:
+  - match: [{sourceNamespace: other}]
+    route: [{destination: {host: reviews}}]
+  - route: [{destination: {host: reviews}}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: bad-backoff, namespace: shop}
+spec:
+  parentRefs: [{group: "", kind: Service, name: reviews}]
+  rules: [{retry: {backoff: 1.5s}, backendRefs: [{name: reviews, port: 9080}]}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: good, namespace: shop}
+spec:
+  parentRefs: [{group: "", kind: Service, name: reviews}]
+  rules: [{backendRefs: [{name: reviews, port: 9080}]}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: bad-interval, namespace: shop}
+spec:
+  host: reviews
+  trafficPolicy: {outlierDetection: {interval: '-1s'}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: good, namespace: shop}
+spec:
+  host: reviews
+  trafficPolicy: {outlierDetection: {interval: 5s}}
+"""
+
+
+def test_control_plane_checks_traffic_objects_with_the_waypoints_parsers():
+    """What the control plane refuses to serve is exactly what the waypoint refuses to apply,
+    field and reason alike: both read routes and DestinationRules with one parser."""
+    batch = parse_documents(TRAFFIC, "traffic.yaml")
+    assert batch.errors == ()
+    served = waypoint_resources(batch.resources)
+    config = build_config(objects(TRAFFIC))
+
+    def verdicts(errors: Any) -> set[tuple[str, str | None, str, str]]:
+        return {(e.kind, e.key, e.path, e.reason) for e in errors}
+
+    assert verdicts(served.errors) == verdicts(config.errors)
+    assert {key for _, key, _, _ in verdicts(config.errors)} == {
+        "shop/bad-weight",
+        "shop/bad-timeout",
+        "shop/bad-port",
+        "shop/bad-backoff",
+        "shop/bad-interval",
+    }
+    assert sorted(served.objects) == sorted(
+        f"{kind}/shop/good" for kind in ("VirtualService", "HTTPRoute", "DestinationRule")
+    )
+    assert [v.name for v in config.routes.virtual_services] == ["good"]
+    assert [h.name for h in config.routes.http_routes] == ["good"]
+    assert [r.name for r in config.destination_rules.rules] == ["good"]

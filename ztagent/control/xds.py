@@ -46,7 +46,7 @@ from google.protobuf.any_pb2 import Any as AnyMessage
 from google.protobuf.message import Message
 
 from ztagent.control.translate import WAYPOINT_CLASS, TranslateOptions
-from ztagent.istio import destination, jwt, routes
+from ztagent.istio import destination, jwt, routing
 from ztagent.istio.authorization import l7 as authz
 from ztagent.istio.envelope import Resource, ResourceError
 from ztagent.model.fields import Invalid, join, show
@@ -365,8 +365,8 @@ def _check(
     whole (False: it is in force, with parts that refuse requests)."""
     kind = (resource.group, resource.kind)
     if kind in (_VIRTUAL_SERVICE, _HTTP_ROUTE):
-        options_ = routes.RouteOptions(domain_suffix=options.domain_suffix)
-        parsed = routes.parse_routes([resource], options_)
+        options_ = routing.RouteOptions(domain_suffix=options.domain_suffix)
+        parsed = routing.parse_routes([resource], options_)
         return list(parsed.errors), list(parsed.notes), True
     if kind == _DESTINATION_RULE:
         rules = destination.parse_destination_rules([resource], domain_suffix=options.domain_suffix)

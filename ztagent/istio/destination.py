@@ -1,9 +1,9 @@
-"""DestinationRule traffic policy for the waypoint: parsing, subsets, merging, pool limits.
+"""DestinationRule traffic policy for the waypoint: parsing, subsets, merging.
 
 Owns reading Istio `DestinationRule` resources (networking.istio.io v1, v1beta1, v1alpha3) into
-frozen values, choosing the rule for a host, the effective policy of a (subset, port), the
-endpoints of a subset, and the connection pool accounting that enforces `connectionPool`.
-Load balancing lives in `balancer`, outlier detection in `outlier`.
+frozen values, choosing the rule for a host, the effective policy of a (subset, port) and the
+endpoints of a subset. Load balancing lives in `balancer`, connection pool limits and their
+accounting in `connection_pool`, outlier detection in `outlier`.
 
 Meaning follows Istio and the Envoy configuration istiod generates:
 
@@ -25,7 +25,8 @@ Meaning follows Istio and the Envoy configuration istiod generates:
   (locality load balancing, warm-up, cookie generation, maglev table size, TCP keepalive,
   tunnel, proxy protocol, workloadSelector) are noted, never silently dropped.
 - Durations are strings as Kubernetes stores them: Go/protobuf durations such as "10s", "0.5s",
-  "1m30s", "250ms"; Istio requires at least 1ms and whole milliseconds.
+  "1m30s", "250ms"; Istio requires at least 1ms and whole milliseconds
+  (`ztagent.model.fields.duration`).
 
 A bad rule is left out with a `ResourceError` naming the kind, `namespace/name`, the field path
 and the reason; every other rule is still read. Pure: no I/O, no clock.
@@ -38,7 +39,7 @@ import logging
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, TypeVar
+from typing import Any, TypeVar
 
 from ztagent.istio.balancer import (
     DEFAULT_MINIMUM_RING_SIZE,
@@ -48,7 +49,13 @@ from ztagent.istio.balancer import (
     HashSource,
     LoadBalancerSettings,
 )
+from ztagent.istio.connection_pool import (
+    DEFAULT_CONNECT_TIMEOUT,
+    UNLIMITED,
+    ConnectionPoolSettings,
+)
 from ztagent.istio.envelope import Resource, ResourceError
+from ztagent.istio.names import DEFAULT_DOMAIN_SUFFIX, qualify_host
 from ztagent.istio.outlier import (
     DEFAULT_BASE_EJECTION_TIME,
     DEFAULT_CONSECUTIVE_5XX_ERRORS,
@@ -56,9 +63,11 @@ from ztagent.istio.outlier import (
     DEFAULT_MAX_EJECTION_PERCENT,
     OutlierDetection,
 )
-from ztagent.model.fields import Invalid, show
+from ztagent.model.fields import Invalid, duration, show
 from ztagent.model.fields import at as _at
+from ztagent.model.fields import boolean as _bool
 from ztagent.model.fields import kube_type_name as _type_name
+from ztagent.model.fields import labels as _labels
 from ztagent.model.fields import mapping as _map
 from ztagent.model.fields import only as _only
 from ztagent.model.fields import sequence as _list
@@ -69,33 +78,11 @@ log = logging.getLogger(__name__)
 KIND = "DestinationRule"
 GROUP = "networking.istio.io"
 VERSIONS = ("v1", "v1beta1", "v1alpha3")
-DEFAULT_DOMAIN_SUFFIX = "cluster.local"
-UNLIMITED = 2**32 - 1
-"""istiod's default for every circuit breaker threshold (math.MaxUint32)."""
-DEFAULT_CONNECT_TIMEOUT = 10.0
-"""MeshConfig connectTimeout default."""
-OVERFLOW_FLAG = "UO"
-OVERFLOW_STATUS = 503
 
 E = TypeVar("E", bound=EndpointLike)
 
 
 # --- values ------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class ConnectionPoolSettings:
-    """A resolved `connectionPool`; limits are 2^32-1 when not set; durations in seconds."""
-
-    max_connections: int = UNLIMITED
-    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
-    max_pending_requests: int = UNLIMITED
-    max_requests: int = UNLIMITED
-    """`http2MaxRequests`: active requests to the destination, HTTP/1.1 and HTTP/2 alike."""
-    max_requests_per_connection: int = 0
-    """0 is unlimited; 1 disables keep-alive."""
-    max_retries: int = UNLIMITED
-    idle_timeout: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,124 +237,6 @@ def rule_for_host(rules: Iterable[DestinationRule], host: str) -> DestinationRul
     return chosen
 
 
-# --- connection pool accounting ------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Admitted:
-    """The request or connection may go ahead."""
-
-    ok: ClassVar[bool] = True
-
-
-ADMITTED = Admitted()
-
-
-@dataclass(frozen=True, slots=True)
-class Overflow:
-    """A circuit breaker limit was hit: answer `status` with response flag `response_flag`.
-
-    `limit` names the DestinationRule field. For `http.maxRetries` the retry is simply not
-    made and the last response stands, as Envoy does.
-    """
-
-    limit: str
-    maximum: int
-    status: int = OVERFLOW_STATUS
-    response_flag: str = OVERFLOW_FLAG
-    ok: ClassVar[bool] = False
-
-
-Admission = Admitted | Overflow
-
-
-class ConnectionPool:
-    """Circuit breaker counters for one destination (an Envoy cluster), across its endpoints.
-
-    Each `try_acquire_*` either counts one more and returns `ADMITTED`, or returns an
-    `Overflow` and changes nothing; each `release_*` undoes one acquire (releasing what was
-    never acquired is a bug in the caller and raises ValueError). Connections are tracked by a
-    caller-chosen id so `maxRequestsPerConnection` can be enforced per connection.
-    """
-
-    def __init__(self, settings: ConnectionPoolSettings) -> None:
-        self.settings = settings
-        self.pending = 0
-        self.active_requests = 0
-        self.retries = 0
-        self._served: dict[object, int] = {}
-
-    @property
-    def connections(self) -> int:
-        return len(self._served)
-
-    def try_acquire_connection(self, connection: object) -> Admission:
-        """Open `connection`. On overflow an HTTP request waits as pending instead."""
-        if connection in self._served:
-            raise ValueError(f"connection {connection!r} is already open")
-        if len(self._served) >= self.settings.max_connections:
-            return Overflow("connectionPool.tcp.maxConnections", self.settings.max_connections)
-        self._served[connection] = 0
-        return ADMITTED
-
-    def release_connection(self, connection: object) -> None:
-        if connection not in self._served:
-            raise ValueError(f"connection {connection!r} is not open")
-        del self._served[connection]
-
-    def try_acquire_pending(self) -> Admission:
-        """Queue a request that waits for a connection."""
-        if self.pending >= self.settings.max_pending_requests:
-            return Overflow(
-                "connectionPool.http.http1MaxPendingRequests", self.settings.max_pending_requests
-            )
-        self.pending += 1
-        return ADMITTED
-
-    def release_pending(self) -> None:
-        if self.pending <= 0:
-            raise ValueError("no pending request to release")
-        self.pending -= 1
-
-    def try_acquire_request(self) -> Admission:
-        """Start a request (HTTP/1.1 or HTTP/2) to any endpoint of the destination."""
-        if self.active_requests >= self.settings.max_requests:
-            return Overflow("connectionPool.http.http2MaxRequests", self.settings.max_requests)
-        self.active_requests += 1
-        return ADMITTED
-
-    def release_request(self) -> None:
-        if self.active_requests <= 0:
-            raise ValueError("no active request to release")
-        self.active_requests -= 1
-
-    def try_acquire_retry(self) -> Admission:
-        if self.retries >= self.settings.max_retries:
-            return Overflow("connectionPool.http.maxRetries", self.settings.max_retries)
-        self.retries += 1
-        return ADMITTED
-
-    def release_retry(self) -> None:
-        if self.retries <= 0:
-            raise ValueError("no retry to release")
-        self.retries -= 1
-
-    def can_reuse(self, connection: object) -> bool:
-        """Whether `connection` may carry another request."""
-        served = self._served.get(connection)
-        if served is None:
-            return False
-        limit = self.settings.max_requests_per_connection
-        return limit <= 0 or served < limit
-
-    def assign_request(self, connection: object) -> bool:
-        """Count a request sent on `connection`; False when it must close after this one."""
-        if not self.can_reuse(connection):
-            raise ValueError(f"connection {connection!r} cannot take another request")
-        self._served[connection] += 1
-        return self.can_reuse(connection)
-
-
 # --- parsing -----------------------------------------------------------------------------------
 
 
@@ -394,14 +263,6 @@ class _Reader:
         log.debug("%s %s: %s: %s", KIND, self.key, path, reason)
 
 
-def _bool(value: object, path: str) -> bool:
-    if value is None:
-        return False
-    if not isinstance(value, bool):
-        raise Invalid(path, f"must be a boolean, got {_type_name(value)}")
-    return value
-
-
 def _int(value: object, path: str, *, maximum: int = 2**31 - 1) -> int | None:
     """A non-negative integer up to `maximum`; None when absent."""
     if value is None:
@@ -422,57 +283,9 @@ def _percent(value: object, path: str) -> int | None:
     return number
 
 
-_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
-_UNIT_NS = {
-    "ns": 1,
-    "us": 1_000,
-    "µs": 1_000,
-    "ms": 1_000_000,
-    "s": 1_000_000_000,
-    "m": 60_000_000_000,
-    "h": 3_600_000_000_000,
-}
-
-
-def parse_duration(text: str) -> int:
-    """A Go or protobuf JSON duration string (`"1.5s"`, `"1m30s"`, `"250ms"`) in nanoseconds.
-
-    Raises ValueError for anything else, including a sign (no DestinationRule duration may be
-    negative).
-    """
-    if not text:
-        raise ValueError("empty")
-    total = 0
-    position = 0
-    while position < len(text):
-        match = _DURATION_PART.match(text, position)
-        if match is None:
-            raise ValueError(text)
-        number, unit = match.groups()
-        whole, _, fraction = number.partition(".")
-        scale = _UNIT_NS[unit]
-        total += int(whole or "0") * scale
-        if fraction:
-            total += int(fraction) * scale // 10 ** len(fraction)
-        position = match.end()
-    return total
-
-
 def _duration(value: object, path: str) -> float | None:
-    """Seconds, from a duration string Istio accepts (>= 1ms, whole milliseconds)."""
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise Invalid(path, f'must be a duration string such as "10s", got {_type_name(value)}')
-    try:
-        nanos = parse_duration(value.strip())
-    except ValueError:
-        raise Invalid(path, f'{show(value)} is not a duration (such as "10s" or "1.5s")') from None
-    if nanos < 1_000_000:
-        raise Invalid(path, f"{show(value)}: a duration must be at least 1ms")
-    if nanos % 1_000_000:
-        raise Invalid(path, f"{show(value)}: only whole milliseconds are supported")
-    return nanos / 1e9
+    """Seconds (Istio's ValidateDuration: at least 1ms, whole milliseconds); None when unset."""
+    return None if value is None else duration(value, path)
 
 
 _LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
@@ -495,9 +308,7 @@ def _host(value: object, path: str, namespace: str, domain_suffix: str) -> str:
     check = labels[1:] if labels[0] == "*" else labels
     if len(host) > 255 or not check or not all(_LABEL.fullmatch(label) for label in check):
         raise Invalid(path, f"{show(host)} is not a valid host name")
-    if "." not in host:
-        return f"{host}.{namespace}.svc.{domain_suffix}"
-    return host
+    return qualify_host(host, namespace, domain_suffix)
 
 
 _SIMPLE = {
@@ -805,11 +616,7 @@ def _subsets(r: _Reader, value: object, path: str) -> tuple[Subset, ...]:
         if name in names:
             raise Invalid(_at(item_path, "name"), f"subset {show(name)} is defined twice")
         names.add(name)
-        labels_path = _at(item_path, "labels")
-        labels = _map(data.get("labels"), labels_path)
-        for key, label in labels.items():
-            if not isinstance(label, str):
-                raise Invalid(_at(labels_path, key), f"must be a string, got {_type_name(label)}")
+        labels = _labels(data.get("labels"), _at(item_path, "labels"))
         policy = _traffic_policy(r, data.get("trafficPolicy"), _at(item_path, "trafficPolicy"))
         subsets.append(Subset(name, dict(labels), policy))
     return tuple(subsets)
@@ -895,23 +702,15 @@ def parse_destination_rules(
 
 
 __all__ = [
-    "ADMITTED",
     "DEFAULT_POLICY",
-    "UNLIMITED",
-    "Admission",
-    "Admitted",
-    "ConnectionPool",
-    "ConnectionPoolSettings",
     "DestinationRule",
     "DestinationRules",
     "EffectivePolicy",
-    "Overflow",
     "PortPolicy",
     "Subset",
     "TrafficPolicy",
     "parse_destination_rule",
     "parse_destination_rules",
-    "parse_duration",
     "rule_for_host",
     "subset_endpoints",
 ]

@@ -1,6 +1,6 @@
 """Reading fields of untrusted configuration: the error type, the wording of messages, and the
 one reader of each kind of field (mappings, lists, strings, labels, integers, ports, addresses,
-CIDR blocks, Go/protobuf durations).
+CIDR blocks, Go/protobuf and Gateway API durations).
 
 The only field-reader module: the ztunnel local-config loader, the xDS converter and every
 reader of an Istio or Kubernetes kind use it, so a bad value is reported the same way wherever it
@@ -141,6 +141,15 @@ def strings(value: object, path: str) -> list[str]:
 # --- numbers, ports, addresses and durations -----------------------------------------------------
 
 
+def boolean(value: object, path: str) -> bool:
+    """A boolean; null is false."""
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise Invalid(path, f"must be a boolean, got {kube_type_name(value)}")
+    return value
+
+
 def integer(value: object, path: str, low: int, high: int) -> int:
     """An integer in `low..high` (a boolean is not an integer)."""
     if isinstance(value, bool) or not isinstance(value, int):
@@ -160,10 +169,14 @@ def number(value: object, path: str, low: float, high: float) -> float:
     return result
 
 
-def port(value: object, path: str, *, low: int = 1) -> int:
+def port(value: object, path: str, *, low: int = 1, digit_strings: bool = True) -> int:
     """A port number, `low..65535`: an integer, or a string of ASCII digits as protobuf's JSON
     mapping accepts for integer fields (`"8080"`); full-width or other Unicode digits are not
-    digits here, so one text is never read two ways."""
+    digits here, so one text is never read two ways. `digit_strings=False` reads the field as
+    a Kubernetes schema typed `integer` does (VirtualService, HTTPRoute and Service ports): no
+    strings, and `integer`'s wording."""
+    if not digit_strings:
+        return integer(value, path, low, 65535)
     result: int | None = None
     if isinstance(value, int) and not isinstance(value, bool):
         result = value
@@ -240,8 +253,27 @@ def duration(value: object, path: str, *, minimum: Fraction = Fraction(1, 1000))
     if seconds < minimum:
         raise Invalid(path, f"{show(value)}: a duration must be at least {_show_seconds(minimum)}")
     if (seconds * 1000).denominator != 1:
-        raise Invalid(path, f"{show(value)}: only whole milliseconds are supported")
+        raise Invalid(
+            path,
+            f"{show(value)}: only durations to ms precision (whole milliseconds) are supported",
+        )
     return float(seconds)
+
+
+_GATEWAY_DURATION = re.compile(r"(?:[0-9]{1,5}(?:h|ms|m|s)){1,4}")
+_GATEWAY_PART = re.compile(r"([0-9]{1,5})(h|ms|m|s)")
+_GATEWAY_UNIT_SECONDS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+
+
+def gateway_duration(value: object, path: str) -> float:
+    """A Gateway API duration (GEP-2257: up to four `<1-5 ASCII digits><h|m|s|ms>` parts, such
+    as "10s", "500ms", "1h30m"; no fractions, no sign), in seconds. A different format from
+    the Go durations Istio's own kinds use."""
+    if not isinstance(value, str):
+        raise Invalid(path, f'must be a duration string such as "10s", got {kube_type_name(value)}')
+    if not _GATEWAY_DURATION.fullmatch(value):
+        raise Invalid(path, f"{show(value)} is not a Gateway API duration (such as 10s, 500ms)")
+    return sum(int(n) * _GATEWAY_UNIT_SECONDS[u] for n, u in _GATEWAY_PART.findall(value))
 
 
 def _show_seconds(seconds: Fraction) -> str:

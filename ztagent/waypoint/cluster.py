@@ -15,14 +15,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from ztagent.istio.balancer import Balancer, HashInput, new_balancer
-from ztagent.istio.destination import (
-    DEFAULT_POLICY,
-    ConnectionPool,
-    EffectivePolicy,
-    rule_for_host,
-)
+from ztagent.istio.connection_pool import ConnectionPool
+from ztagent.istio.destination import DEFAULT_POLICY, EffectivePolicy, rule_for_host
 from ztagent.istio.outlier import LocalOrigin, OutlierDetector
-from ztagent.istio.routes import Request
+from ztagent.istio.routing import Request
 from ztagent.model.store import ProxyState
 from ztagent.model.workload import Service, Workload
 from ztagent.waypoint.config import WaypointConfig

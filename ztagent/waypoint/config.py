@@ -24,19 +24,16 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ztagent.istio.authorization.l7 import (
-    DEFAULT_ROOT_NAMESPACE,
-    AuthzConfig,
-    read_authorization_policies,
-)
+from ztagent.istio.authorization.l7 import AuthzConfig, read_authorization_policies
 from ztagent.istio.destination import DestinationRules, parse_destination_rules
 from ztagent.istio.envelope import Resource, ResourceError, envelope
 from ztagent.istio.jwt import JwtConfig, read_request_authentications
-from ztagent.istio.routes import RouteConfig, RouteOptions, parse_routes
-from ztagent.model.fields import join, show
+from ztagent.istio.names import DEFAULT_DOMAIN_SUFFIX, DEFAULT_ROOT_NAMESPACE, service_hostname
+from ztagent.istio.routing import RouteConfig, RouteOptions, parse_routes
+from ztagent.model.fields import Invalid, join, show
+from ztagent.model.fields import port as read_port
 from ztagent.model.workload import Workload
 
-DEFAULT_DOMAIN_SUFFIX = "cluster.local"
 SOURCE = "xds"
 """The `file` of the `Resource`s built here (errors show `xds#<index in the list>`)."""
 UNKNOWN = "unknown"
@@ -163,35 +160,29 @@ class WaypointConfig:
         }
 
 
-def _port_number(value: object, path: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
-        raise ValueError(f"{path}: {show(value)} is not a port number")
-    return value
-
-
 def _service_ports(resource: Resource, domain_suffix: str) -> ServicePorts:
-    """A Service's ports; raises ValueError naming the field for a malformed one."""
+    """A Service's ports; raises Invalid naming the field for a malformed one."""
     namespace = resource.namespace or "default"
     spec = resource.body.get("spec")
     if not isinstance(spec, Mapping):
-        raise ValueError("spec: must be a mapping")
+        raise Invalid("spec", "must be a mapping")
     items = spec.get("ports") or []
     if not isinstance(items, list):
-        raise ValueError("spec.ports: must be a list")
+        raise Invalid("spec.ports", "must be a list")
     ports: dict[int, ServicePort] = {}
     for i, item in enumerate(items):
         at = join(join("spec", "ports"), i)
         if not isinstance(item, Mapping):
-            raise ValueError(f"{at}: must be a mapping")
-        number = _port_number(item.get("port"), join(at, "port"))
+            raise Invalid(at, "must be a mapping")
+        number = read_port(item.get("port"), join(at, "port"), digit_strings=False)
         target = item.get("targetPort")
         if isinstance(target, bool) or not isinstance(target, int | str | None):
-            raise ValueError(f"{join(at, 'targetPort')}: {show(target)} is not a port")
+            raise Invalid(join(at, "targetPort"), f"{show(target)} is not a port")
         texts = {}
         for key in ("name", "appProtocol", "protocol"):
             value = item.get(key)
             if value is not None and not isinstance(value, str):
-                raise ValueError(f"{join(at, key)}: must be a string")
+                raise Invalid(join(at, key), "must be a string")
             texts[key] = value or ""
         ports[number] = ServicePort(
             port=number,
@@ -200,7 +191,7 @@ def _service_ports(resource: Resource, domain_suffix: str) -> ServicePorts:
             target_port=target,
             transport=texts["protocol"] or "TCP",
         )
-    hostname = f"{resource.name}.{namespace}.svc.{domain_suffix}"
+    hostname = service_hostname(resource.name, namespace, domain_suffix)
     return ServicePorts(resource.name, namespace, hostname, ports)
 
 
@@ -231,11 +222,10 @@ def build_config(
         if resource.group == "" and resource.kind == "Service":
             try:
                 service = _service_ports(resource, domain_suffix)
-            except ValueError as exc:
-                path, _, reason = str(exc).partition(": ")
+            except Invalid as exc:
                 key = f"{resource.namespace or 'default'}/{resource.name}"
                 errors.append(
-                    ResourceError(resource.kind, resource.index, key, path, reason, SOURCE)
+                    ResourceError(resource.kind, resource.index, key, exc.path, exc.reason, SOURCE)
                 )
                 continue
             services[service.hostname] = service
@@ -267,7 +257,6 @@ def build_config(
 
 
 __all__ = [
-    "DEFAULT_DOMAIN_SUFFIX",
     "UNKNOWN",
     "ServicePort",
     "ServicePorts",

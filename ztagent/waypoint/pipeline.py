@@ -32,12 +32,13 @@ from dataclasses import dataclass
 
 from ztagent.http.messages import RequestHead
 from ztagent.identity.spiffe import Identity
-from ztagent.istio import jwt, routes
+from ztagent.istio import jwt, routing
 from ztagent.istio.authorization import l7 as authz
-from ztagent.istio.destination import DEFAULT_POLICY, ConnectionPool, Overflow
+from ztagent.istio.connection_pool import ConnectionPool, Overflow
+from ztagent.istio.destination import DEFAULT_POLICY
 from ztagent.istio.outlier import LocalOrigin
 from ztagent.istio.resilience import Failure, RetryPolicy
-from ztagent.istio.routes import Headers, Request, RouteChoice, ServiceRef, SourceInfo
+from ztagent.istio.routing import Headers, Request, RouteChoice, ServiceRef, SourceInfo
 from ztagent.model.store import ProxyState
 from ztagent.model.workload import Service, Workload
 from ztagent.telemetry.tracing import REQUEST_ID, Span
@@ -233,7 +234,7 @@ class Forward:
     """Seconds for the whole request, retries included (the route's `timeout`), or None."""
     mirrors: tuple[Mirror, ...]
     choice: RouteChoice
-    destination: routes.Destination
+    destination: routing.Destination
     flags: str
     """The flags the request carries so far (a fault delay's DI)."""
 
@@ -265,7 +266,7 @@ class _Routed:
     """A forward decided up to the destination draw, held over a fault delay."""
 
     choice: RouteChoice
-    action: routes.Forward
+    action: routing.Forward
     request: Request
     head: RequestHead
     down: Downstream
@@ -479,7 +480,7 @@ class Pipeline:
         self.rng = rng
         self.config = WaypointConfig.empty()
         self.clusters = Clusters(state, rng)
-        self._tables: dict[tuple[str, int], routes.RouteTable] = {}
+        self._tables: dict[tuple[str, int], routing.RouteTable] = {}
         self._policy_cache: dict[
             str, tuple[jwt.Authenticator | None, list[authz.WaypointPolicy]]
         ] = {}
@@ -510,7 +511,7 @@ class Pipeline:
             self._policy_cache[key] = found
         return found
 
-    def table(self, service: Service, port: int) -> routes.RouteTable:
+    def table(self, service: Service, port: int) -> routing.RouteTable:
         key = (service.key, port)
         table = self._tables.get(key)
         if table is None:
@@ -626,10 +627,10 @@ class Pipeline:
             return self._to_workload(request, headers, down, span)
         choice = self.table(service, port).select(request)
         action = choice.action
-        if isinstance(action, routes.DirectResponse):
+        if isinstance(action, routing.DirectResponse):
             flags = NO_FLAGS if choice.matched else FLAG_NO_ROUTE
             return respond(action.status, action.body, flags=flags)
-        if isinstance(action, routes.Redirect):
+        if isinstance(action, routing.Redirect):
             return respond(action.status, b"", [("location", choice.location(request))])
         fault_policy = choice.route.fault
         if fault_policy is not None:
@@ -666,7 +667,7 @@ class Pipeline:
     def _forward(
         self,
         choice: RouteChoice,
-        action: routes.Forward,
+        action: routing.Forward,
         request: Request,
         head: RequestHead,
         down: Downstream,
@@ -790,7 +791,7 @@ class Pipeline:
 
 
 def _mirror(
-    destination: routes.Destination, request: Request, upstream: RequestHead, http2: bool
+    destination: routing.Destination, request: Request, upstream: RequestHead, http2: bool
 ) -> Mirror:
     host, _, host_port = upstream.authority.partition(":")
     shadow = RequestHead(

@@ -21,7 +21,7 @@ from ztagent.http.body import Body
 from ztagent.http.h1 import Http1Client
 from ztagent.http.h2 import Http2Client
 from ztagent.http.messages import RequestHead, ResponseHead
-from ztagent.istio.destination import ConnectionPool, Overflow
+from ztagent.istio.connection_pool import ConnectionPool, Overflow
 from ztagent.waypoint.cluster import UpstreamKey
 
 log = logging.getLogger(__name__)
