@@ -30,24 +30,14 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from ztagent.control.auth import TOKEN_SIGNING_KEY, Authenticator, TokenSigner
 from ztagent.control.ca import CaPolicy, CertificateRefused, CertificateService
 from ztagent.control.sources import DirectorySource, SourceBatch
 from ztagent.control.translate import TranslateOptions, to_local_config, translate_resources
-from ztagent.control.xds import (
-    ADDRESS_TYPE,
-    AUTHORIZATION_TYPE,
-    L7_TYPE,
-    Ack,
-    DeltaStream,
-    Nack,
-    Resources,
-    Unknown,
-    build_resources,
-    waypoint_resources,
-)
+from ztagent.control.xds import build_resources, waypoint_resources
 from ztagent.errors import LocalError
 from ztagent.identity.ca import CertificateAuthority
 from ztagent.identity.spiffe import Identity
@@ -58,6 +48,17 @@ from ztagent.telemetry.metrics import CONTENT_TYPE
 from ztagent.xds.gen.envoy.service.discovery.v3 import discovery_pb2 as ads
 from ztagent.xds.gen.envoy.service.discovery.v3 import discovery_pb2_grpc as ads_grpc
 from ztagent.xds.gen.istio.v1.auth import ca_pb2_grpc
+from ztagent.xds.stream import (
+    ADDRESS_TYPE,
+    AUTHORIZATION_TYPE,
+    L7_TYPE,
+    Ack,
+    DeltaStream,
+    Nack,
+    Resources,
+    StreamRefused,
+    Unknown,
+)
 
 log = logging.getLogger(__name__)
 
@@ -319,7 +320,7 @@ class ControlPlane:
                     stream.node_id or "-",
                     type_label(event.type_url),
                     event.nonce,
-                    event.message or "(no reason given)",
+                    event.shown,
                     ", ".join(event.names) or "-",
                 )
             elif isinstance(event, Unknown):
@@ -366,23 +367,34 @@ class DiscoveryService(ads_grpc.AggregatedDiscoveryServiceServicer):
         except CertificateRefused as exc:
             log.warning("xDS refused (%s): %s", context.peer(), exc)
             await context.abort(exc.code, str(exc))
-        queue: asyncio.Queue[list[ads.DeltaDiscoveryResponse] | None] = asyncio.Queue()
+        queue: asyncio.Queue[list[ads.DeltaDiscoveryResponse] | StreamRefused | None] = (
+            asyncio.Queue()
+        )
         name = f"{caller.identity} ({context.peer()})"
         attached = self._plane.attach(DeltaStream(name), queue.put_nowait, name)
         log.info("xDS client connected: %s", name)
 
         async def read() -> None:
+            end: StreamRefused | None = None
             try:
                 async for request in request_iterator:
                     self._plane.receive(attached, request)
             except (grpc.aio.AioRpcError, asyncio.CancelledError):
                 pass
+            except DecodeError as exc:  # the request deserializer's error, from the iterator
+                end = StreamRefused("INVALID_ARGUMENT", f"not a DeltaDiscoveryRequest: {exc}")
+            except StreamRefused as exc:
+                end = exc
             finally:
-                queue.put_nowait(None)
+                queue.put_nowait(end)
 
         reader = asyncio.create_task(read(), name=f"xds read {name}")
         try:
             while (batch := await queue.get()) is not None:
+                if isinstance(batch, StreamRefused):
+                    log.warning("xDS stream of %s ended: %s", name, batch)
+                    await context.abort(grpc.StatusCode[batch.code], batch.details)
+                    return
                 for response in batch:
                     yield response
         finally:
