@@ -159,7 +159,7 @@ def test_memory_stays_bounded_under_many_subscribe_requests(tmp_path):
 def test_garbage_request_ends_the_stream_with_an_error(tmp_path):
     async def scenario(c: Control) -> None:
         channel = c.channel()
-        call = channel.stream_stream(
+        call: grpc.aio.StreamStreamCall[bytes, ads.DeltaDiscoveryResponse] = channel.stream_stream(
             DELTA_METHOD,
             request_serializer=None,  # bytes as they are
             response_deserializer=ads.DeltaDiscoveryResponse.FromString,
