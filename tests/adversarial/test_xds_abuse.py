@@ -18,6 +18,7 @@ import pytest
 from tests.integration.test_control_grpc import Control, Stream, names, running
 from ztagent.xds.convert import ADDRESS_TYPE, AUTHORIZATION_TYPE
 from ztagent.xds.gen.envoy.service.discovery.v3 import discovery_pb2 as ads
+from ztagent.xds.gen.envoy.service.discovery.v3 import discovery_pb2_grpc as ads_grpc
 
 pytestmark = pytest.mark.integration
 
@@ -200,3 +201,70 @@ def test_huge_nack_reason_is_not_logged_whole(tmp_path, caplog):
     assert "bad resource: xxx" in nacks[0]
     assert str(len(reason)) in nacks[0]  # the whole reason's length is told
     assert max(len(r.getMessage()) for r in caplog.records) < 4096
+
+
+def many_pods(count: int) -> str:
+    pod = """\
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: p{i}, namespace: shop, labels: {{app: p{i}}}}}
+spec: {{nodeName: node-a, serviceAccountName: p{i}}}
+status: {{podIP: 10.245.{a}.{b}}}
+"""
+    return "".join(pod.format(i=i, a=i // 250, b=i % 250 + 1) for i in range(count))
+
+
+def pushes(c: Control) -> float:
+    for line in c.server.plane.metrics.render().decode().splitlines():
+        if line.startswith('pilot_xds_pushes_total{type="address"}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_a_client_that_never_reads_does_not_grow_the_queue(tmp_path):
+    """Wildcard subscribe/unsubscribe churn, each subscribe calling for all 600 workloads,
+    from a client that never reads: the server stops reading it (~70 responses, gRPC's
+    buffers and the queue, RSS +5 MiB) instead of queueing all 600 (RSS +69 MiB)."""
+
+    async def scenario(c: Control) -> None:
+        for _ in range(200):
+            if len(c.server.plane.snapshot.workloads) > 600:  # and web
+                break
+            await asyncio.sleep(0.05)
+        gc.collect()
+        before = rss_bytes()
+        channel = c.channel()
+        call = ads_grpc.AggregatedDiscoveryServiceStub(channel).DeltaAggregatedResources(
+            metadata=workload_metadata(c)
+        )
+        for _ in range(300):
+            await call.write(ads.DeltaDiscoveryRequest(type_url=ADDRESS_TYPE))
+            await call.write(
+                ads.DeltaDiscoveryRequest(type_url=ADDRESS_TYPE, resource_names_unsubscribe=["*"])
+            )
+            await call.write(
+                ads.DeltaDiscoveryRequest(type_url=ADDRESS_TYPE, resource_names_subscribe=["*"])
+            )
+        # Wait until the server has stopped producing responses for it.
+        sent, quiet = pushes(c), 0
+        for _ in range(40):
+            await asyncio.sleep(0.2)
+            now = pushes(c)
+            quiet = quiet + 1 if now == sent else 0
+            sent = now
+            if quiet >= 3:
+                break
+        gc.collect()
+        grown = rss_bytes() - before
+        call.cancel()
+        await channel.close()
+        assert sent < 100, f"{sent} responses produced for a client that reads none"
+        assert grown < 24 * 1024 * 1024, f"RSS grew by {grown / 2**20:.0f} MiB"
+        await still_serves(c)
+
+    async def main() -> None:
+        async with running(tmp_path, {**CONFIG, "pods.yaml": many_pods(600)}) as c:
+            await scenario(c)
+
+    asyncio.run(asyncio.wait_for(main(), 60))

@@ -66,6 +66,12 @@ DEBOUNCE_AFTER = 0.1
 DEBOUNCE_MAX = 1.0
 SERVING_CERT_TTL = timedelta(days=90)
 MAX_JWKS_BYTES = 1024 * 1024
+MAX_QUEUED_BATCHES = 8
+"""Batches of responses queued for one stream before its next request is read. One request can
+call for the whole of a type (a wildcard subscription), so a client that sends and never reads
+would otherwise grow the queue without end. istiod handles a delta stream's requests one at a
+time in the loop that sends its responses, so there too a client that does not read is not
+read either."""
 
 _TYPE_LABELS = {ADDRESS_TYPE: "address", AUTHORIZATION_TYPE: "authorization", L7_TYPE: "l7"}
 
@@ -370,8 +376,16 @@ class DiscoveryService(ads_grpc.AggregatedDiscoveryServiceServicer):
         queue: asyncio.Queue[list[ads.DeltaDiscoveryResponse] | StreamRefused | None] = (
             asyncio.Queue()
         )
+        room = asyncio.Event()
+        room.set()
+
+        def send(batch: list[ads.DeltaDiscoveryResponse]) -> None:
+            queue.put_nowait(batch)
+            if queue.qsize() >= MAX_QUEUED_BATCHES:
+                room.clear()
+
         name = f"{caller.identity} ({context.peer()})"
-        attached = self._plane.attach(DeltaStream(name), queue.put_nowait, name)
+        attached = self._plane.attach(DeltaStream(name), send, name)
         log.info("xDS client connected: %s", name)
 
         async def read() -> None:
@@ -379,6 +393,7 @@ class DiscoveryService(ads_grpc.AggregatedDiscoveryServiceServicer):
             try:
                 async for request in request_iterator:
                     self._plane.receive(attached, request)
+                    await room.wait()  # a client that does not read is not read either
             except (grpc.aio.AioRpcError, asyncio.CancelledError):
                 pass
             except DecodeError as exc:  # the request deserializer's error, from the iterator
@@ -391,6 +406,8 @@ class DiscoveryService(ads_grpc.AggregatedDiscoveryServiceServicer):
         reader = asyncio.create_task(read(), name=f"xds read {name}")
         try:
             while (batch := await queue.get()) is not None:
+                if queue.qsize() < MAX_QUEUED_BATCHES:
+                    room.set()
                 if isinstance(batch, StreamRefused):
                     log.warning("xDS stream of %s ended: %s", name, batch)
                     await context.abort(grpc.StatusCode[batch.code], batch.details)
