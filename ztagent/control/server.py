@@ -357,7 +357,10 @@ class ControlPlane:
 
 
 class DiscoveryService(ads_grpc.AggregatedDiscoveryServiceServicer):
-    """Delta ADS over gRPC: one `DeltaStream` per call, fed by the `ControlPlane`."""
+    """Delta ADS over gRPC: one `DeltaStream` per call, fed by the `ControlPlane`. A request
+    over one of the stream's caps ends the call with that status (RESOURCE_EXHAUSTED or
+    INVALID_ARGUMENT), one that does not decode with INVALID_ARGUMENT; the next request is not
+    read while `MAX_QUEUED_BATCHES` batches of responses wait to be sent."""
 
     def __init__(self, plane: ControlPlane, certificates: CertificateService) -> None:
         self._plane = plane
