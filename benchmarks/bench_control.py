@@ -52,18 +52,16 @@ from ztagent.control.auth import TOKEN_SIGNING_KEY, TokenSigner
 from ztagent.control.server import DEBOUNCE_AFTER, ControlPlane
 from ztagent.control.sources import SourceBatch, parse_documents, read_directory
 from ztagent.control.translate import TranslateOptions, translate_resources
-from ztagent.control.xds import ADDRESS_TYPE, AUTHORIZATION_TYPE, DeltaStream, build_resources
+from ztagent.control.xds import build_resources
 from ztagent.identity.ca import ROOT_CERT, CertificateAuthority
 from ztagent.istio.envelope import Resource
 from ztagent.model.policy import Authorization
 from ztagent.model.snapshot import ConfigSnapshot
-from ztagent.node.xds import (
-    ControlPlaneConnection,
-    DeltaClient,
-    XdsClient,
-    node_identity,
-)
+from ztagent.xds.adsclient import XdsClient
+from ztagent.xds.client import DeltaClient
+from ztagent.xds.connection import ControlPlaneConnection, node_identity
 from ztagent.xds.gen.envoy.service.discovery.v3 import discovery_pb2 as ads
+from ztagent.xds.stream import ADDRESS_TYPE, AUTHORIZATION_TYPE, DeltaStream
 
 T = TypeVar("T")
 MIB = 1024 * 1024

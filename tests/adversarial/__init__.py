@@ -1,0 +1,1 @@
+"""Hostile peers against the real servers."""

@@ -21,15 +21,16 @@ from google.protobuf.struct_pb2 import Struct
 
 from ztagent.control.auth import TOKEN_SIGNING_KEY, TokenSigner
 from ztagent.control.server import ControlServer, ControlSettings
-from ztagent.control.xds import ADDRESS_TYPE, AUTHORIZATION_TYPE, L7_TYPE
 from ztagent.identity.keys import create_csr, generate_key
 from ztagent.identity.spiffe import Identity
-from ztagent.node.xds import ControlPlaneConnection, XdsClient, node_identity
 from ztagent.xds import convert
+from ztagent.xds.adsclient import XdsClient
+from ztagent.xds.connection import ControlPlaneConnection, node_identity
 from ztagent.xds.gen.envoy.service.discovery.v3 import discovery_pb2 as ads
 from ztagent.xds.gen.envoy.service.discovery.v3 import discovery_pb2_grpc as ads_grpc
 from ztagent.xds.gen.istio.v1.auth import ca_pb2, ca_pb2_grpc
 from ztagent.xds.gen.ztagent.waypoint.v1 import l7_pb2 as l7_pb
+from ztagent.xds.stream import ADDRESS_TYPE, AUTHORIZATION_TYPE, L7_TYPE
 
 TIMEOUT = 10.0
 

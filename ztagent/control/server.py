@@ -30,24 +30,14 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from ztagent.control.auth import TOKEN_SIGNING_KEY, Authenticator, TokenSigner
 from ztagent.control.ca import CaPolicy, CertificateRefused, CertificateService
 from ztagent.control.sources import DirectorySource, SourceBatch
 from ztagent.control.translate import TranslateOptions, to_local_config, translate_resources
-from ztagent.control.xds import (
-    ADDRESS_TYPE,
-    AUTHORIZATION_TYPE,
-    L7_TYPE,
-    Ack,
-    DeltaStream,
-    Nack,
-    Resources,
-    Unknown,
-    build_resources,
-    waypoint_resources,
-)
+from ztagent.control.xds import build_resources, waypoint_resources
 from ztagent.errors import LocalError
 from ztagent.http.messages import Request, Response
 from ztagent.http.server import HttpServer, Route
@@ -59,6 +49,17 @@ from ztagent.telemetry.metrics import CONTENT_TYPE
 from ztagent.xds.gen.envoy.service.discovery.v3 import discovery_pb2 as ads
 from ztagent.xds.gen.envoy.service.discovery.v3 import discovery_pb2_grpc as ads_grpc
 from ztagent.xds.gen.istio.v1.auth import ca_pb2_grpc
+from ztagent.xds.stream import (
+    ADDRESS_TYPE,
+    AUTHORIZATION_TYPE,
+    L7_TYPE,
+    Ack,
+    DeltaStream,
+    Nack,
+    Resources,
+    StreamRefused,
+    Unknown,
+)
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,12 @@ DEBOUNCE_AFTER = 0.1
 DEBOUNCE_MAX = 1.0
 SERVING_CERT_TTL = timedelta(days=90)
 MAX_JWKS_BYTES = 1024 * 1024
+MAX_QUEUED_BATCHES = 8
+"""Batches of responses queued for one stream before its next request is read. One request can
+call for the whole of a type (a wildcard subscription), so a client that sends and never reads
+would otherwise grow the queue without end. istiod handles a delta stream's requests one at a
+time in the loop that sends its responses, so there too a client that does not read is not
+read either."""
 
 _TYPE_LABELS = {ADDRESS_TYPE: "address", AUTHORIZATION_TYPE: "authorization", L7_TYPE: "l7"}
 
@@ -320,7 +327,7 @@ class ControlPlane:
                     stream.node_id or "-",
                     type_label(event.type_url),
                     event.nonce,
-                    event.message or "(no reason given)",
+                    event.shown,
                     ", ".join(event.names) or "-",
                 )
             elif isinstance(event, Unknown):
@@ -351,7 +358,10 @@ class ControlPlane:
 
 
 class DiscoveryService(ads_grpc.AggregatedDiscoveryServiceServicer):
-    """Delta ADS over gRPC: one `DeltaStream` per call, fed by the `ControlPlane`."""
+    """Delta ADS over gRPC: one `DeltaStream` per call, fed by the `ControlPlane`. A request
+    over one of the stream's caps ends the call with that status (RESOURCE_EXHAUSTED or
+    INVALID_ARGUMENT), one that does not decode with INVALID_ARGUMENT; the next request is not
+    read while `MAX_QUEUED_BATCHES` batches of responses wait to be sent."""
 
     def __init__(self, plane: ControlPlane, certificates: CertificateService) -> None:
         self._plane = plane
@@ -367,23 +377,45 @@ class DiscoveryService(ads_grpc.AggregatedDiscoveryServiceServicer):
         except CertificateRefused as exc:
             log.warning("xDS refused (%s): %s", context.peer(), exc)
             await context.abort(exc.code, str(exc))
-        queue: asyncio.Queue[list[ads.DeltaDiscoveryResponse] | None] = asyncio.Queue()
+        queue: asyncio.Queue[list[ads.DeltaDiscoveryResponse] | StreamRefused | None] = (
+            asyncio.Queue()
+        )
+        room = asyncio.Event()
+        room.set()
+
+        def send(batch: list[ads.DeltaDiscoveryResponse]) -> None:
+            queue.put_nowait(batch)
+            if queue.qsize() >= MAX_QUEUED_BATCHES:
+                room.clear()
+
         name = f"{caller.identity} ({context.peer()})"
-        attached = self._plane.attach(DeltaStream(name), queue.put_nowait, name)
+        attached = self._plane.attach(DeltaStream(name), send, name)
         log.info("xDS client connected: %s", name)
 
         async def read() -> None:
+            end: StreamRefused | None = None
             try:
                 async for request in request_iterator:
                     self._plane.receive(attached, request)
+                    await room.wait()  # a client that does not read is not read either
             except (grpc.aio.AioRpcError, asyncio.CancelledError):
                 pass
+            except DecodeError as exc:  # the request deserializer's error, from the iterator
+                end = StreamRefused("INVALID_ARGUMENT", f"not a DeltaDiscoveryRequest: {exc}")
+            except StreamRefused as exc:
+                end = exc
             finally:
-                queue.put_nowait(None)
+                queue.put_nowait(end)
 
         reader = asyncio.create_task(read(), name=f"xds read {name}")
         try:
             while (batch := await queue.get()) is not None:
+                if queue.qsize() < MAX_QUEUED_BATCHES:
+                    room.set()
+                if isinstance(batch, StreamRefused):
+                    log.warning("xDS stream of %s ended: %s", name, batch)
+                    await context.abort(grpc.StatusCode[batch.code], batch.details)
+                    return
                 for response in batch:
                     yield response
         finally:

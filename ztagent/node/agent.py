@@ -43,7 +43,6 @@ from ztagent.node.outbound import OpenTunnel, OutboundRefused, Relay
 from ztagent.node.relay import PlainRelay
 from ztagent.node.routing import RoundRobin
 from ztagent.node.settings import WORKLOADS, NodeSettings
-from ztagent.node.xds import CaClient, ControlPlaneConnection, XdsClient, node_identity
 from ztagent.redirect import Capture
 from ztagent.redirect.checks import check_all
 from ztagent.socks5.handshake import Reply
@@ -60,6 +59,9 @@ from ztagent.telemetry.metrics import (
     Metrics,
     ResponseFlags,
 )
+from ztagent.xds.adsclient import XdsClient
+from ztagent.xds.caclient import CaClient
+from ztagent.xds.connection import ControlPlaneConnection, node_identity
 
 log = logging.getLogger(__name__)
 

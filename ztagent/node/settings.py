@@ -14,7 +14,7 @@ from ztagent.errors import LocalError
 from ztagent.hbone.frames import parse_authority
 from ztagent.identity.command import parse_duration
 from ztagent.model.fields import parse_go_duration
-from ztagent.node.xds import DEFAULT_ROOT_CA, DEFAULT_TOKEN_PATH, parse_address
+from ztagent.xds.connection import DEFAULT_ROOT_CA, DEFAULT_TOKEN_PATH, parse_address
 
 WORKLOADS = "workloads"  # bind on every local workload IP (loopback labs, tests)
 OFF = "off"

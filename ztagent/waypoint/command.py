@@ -108,7 +108,7 @@ def settings_from_args(args: argparse.Namespace) -> WaypointSettings:
         raise LocalError("--pod-namespace is required")
     if args.otlp_endpoint and not args.otlp_endpoint.startswith("http://"):
         raise LocalError(f"--otlp-endpoint {args.otlp_endpoint!r}: only http:// is supported")
-    from ztagent.node.xds import parse_address
+    from ztagent.xds.connection import parse_address
 
     xds_address = parse_address(args.xds_address, "--xds-address")
     return WaypointSettings(

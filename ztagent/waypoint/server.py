@@ -17,7 +17,6 @@ from ztagent.hbone.tls import TlsConfig
 from ztagent.identity.manager import CertificateManager
 from ztagent.model.snapshot import ConfigSnapshot
 from ztagent.model.store import ProxyState
-from ztagent.node.xds import CaClient, ControlPlaneConnection, XdsClient, node_identity
 from ztagent.telemetry.admin import (
     Readiness,
     build_admin_server,
@@ -29,6 +28,9 @@ from ztagent.telemetry.tracing import OtlpExporter
 from ztagent.waypoint.config import build_config
 from ztagent.waypoint.proxy import Waypoint
 from ztagent.waypoint.settings import WaypointSettings
+from ztagent.xds.adsclient import XdsClient
+from ztagent.xds.caclient import CaClient
+from ztagent.xds.connection import ControlPlaneConnection, node_identity
 from ztagent.xds.convert import ADDRESS_TYPE, L7_TYPE
 
 log = logging.getLogger(__name__)
