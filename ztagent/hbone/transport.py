@@ -90,6 +90,11 @@ async def _ready(loop: asyncio.AbstractEventLoop, fd: int, write: bool) -> None:
             loop.remove_reader(fd)
 
 
+async def wait_readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+    """Until `sock` has bytes (or EOF) to read."""
+    await _ready(loop, sock.fileno(), write=False)
+
+
 async def connect_socket(
     loop: asyncio.AbstractEventLoop,
     sock: socket.socket,

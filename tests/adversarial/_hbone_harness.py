@@ -1,0 +1,220 @@
+"""What the HBONE and SOCKS5 adversarial tests share: a PKI, a real `ztagent hbone serve`
+process, a raw HTTP/2-over-mTLS peer that writes whatever frames it likes, a well-behaved
+client that times one tunnel end to end, and the server process's RSS and descriptors."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import socketserver
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+from ztagent.hbone.events import ConnectionTerminated, GoAwayReceived, ResponseReceived
+from ztagent.hbone.frames import pack_frame
+from ztagent.hbone.session import HboneSession, Role
+from ztagent.identity.ca import CertificateAuthority
+from ztagent.identity.spiffe import Identity
+
+SERVER_ID = "spiffe://cluster.local/ns/prod/sa/server"
+CLIENT_ID = "spiffe://cluster.local/ns/test/sa/client"
+
+
+@dataclass
+class Creds:
+    cert: Path
+    key: Path
+    roots: Path
+
+    def flags(self) -> list[str]:
+        return ["--cert", str(self.cert), "--key", str(self.key), "--ca", str(self.roots)]
+
+    def client_context(self) -> ssl.SSLContext:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.minimum_version = ssl.TLSVersion.TLSv1_3
+        context.check_hostname = False
+        context.load_verify_locations(cafile=str(self.roots))
+        context.load_cert_chain(str(self.cert), str(self.key))
+        context.set_alpn_protocols(["h2"])
+        return context
+
+
+@dataclass
+class Pki:
+    server: Creds
+    client: Creds
+
+
+def make_pki(base: Path) -> Pki:
+    ca = CertificateAuthority.create(base / "ca", "cluster.local")
+
+    def issue(identity: str, name: str) -> Creds:
+        cert = ca.issue(Identity.parse(identity))
+        where = base / name
+        creds = Creds(
+            where.with_suffix(".pem"), where.with_suffix(".key"), where.with_suffix(".roots")
+        )
+        cert.write(creds.cert, creds.key, creds.roots)
+        return creds
+
+    return Pki(issue(SERVER_ID, "server"), issue(CLIENT_ID, "client"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_listening(proc: subprocess.Popen[bytes], port: int, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            err = proc.stderr.read().decode() if proc.stderr else ""
+            raise AssertionError(f"process exited: {err}")
+        with contextlib.suppress(psutil.Error):
+            for conn in psutil.Process(proc.pid).net_connections(kind="tcp"):
+                if conn.status == psutil.CONN_LISTEN and conn.laddr.port == port:
+                    return
+        time.sleep(0.05)
+    raise AssertionError(f"nothing listens on {port}")
+
+
+@contextlib.contextmanager
+def hbone_serve(pki: Pki) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
+    """`ztagent hbone serve` on a free loopback port; stopped (killed if need be) after."""
+    port = free_port()
+    cmd = [
+        sys.executable,
+        "-m",
+        "ztagent",
+        "hbone",
+        "serve",
+        "--listen",
+        f"127.0.0.1:{port}",
+        *pki.server.flags(),
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_listening(proc, port)
+        yield port, proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if proc.stderr is not None:
+            proc.stderr.close()
+
+
+def rss_mb(pid: int) -> float:
+    return float(psutil.Process(pid).memory_info().rss) / (1 << 20)
+
+
+def fds(pid: int) -> int:
+    return int(psutil.Process(pid).num_fds())
+
+
+class _Echo(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        with contextlib.suppress(OSError):
+            while data := self.request.recv(65536):
+                self.request.sendall(data)
+
+
+class _Server(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 512
+
+
+@contextlib.contextmanager
+def echo_server() -> Iterator[int]:
+    server = _Server(("127.0.0.1", 0), _Echo)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield int(server.server_address[1])
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+class RawPeer:
+    """An mTLS HTTP/2 peer that writes any bytes; the session only parses what comes back."""
+
+    def __init__(self, pki: Pki, port: int, timeout: float = 5.0) -> None:
+        raw = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.sock = pki.client.client_context().wrap_socket(raw)
+        self.session = HboneSession(Role.CLIENT)
+        self.session.initiate()
+        self.sock.sendall(b"".join(bytes(c) for c in self.session.data_to_send()))
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def frame(self, ftype: int, flags: int, sid: int, payload: bytes = b"") -> None:
+        self.send(pack_frame(ftype, flags, sid, payload))
+
+    def goaway_code(self, timeout: float = 5.0) -> int | None:
+        """Read until GOAWAY or the end; the GOAWAY's error code, or None without one."""
+        deadline = time.monotonic() + timeout
+        self.sock.settimeout(0.5)
+        while time.monotonic() < deadline:
+            try:
+                data = self.sock.recv(1 << 16)
+            except TimeoutError:
+                continue
+            except (OSError, ssl.SSLError):
+                return None
+            if not data:
+                return None
+            for event in self.session.receive_data(data, time.monotonic()):
+                if isinstance(event, GoAwayReceived):
+                    return event.error_code
+                if isinstance(event, ConnectionTerminated):
+                    return None
+        return None
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+
+def good_tunnel(pki: Pki, port: int, echo_port: int, timeout: float = 10.0) -> float:
+    """Handshake, CONNECT to the echo server, one echoed message: the seconds it took."""
+    started = time.monotonic()
+    raw = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    with pki.client.client_context().wrap_socket(raw) as sock:
+        session = HboneSession(Role.CLIENT)
+        session.initiate()
+        sid = session.open_stream(f"127.0.0.1:{echo_port}")
+        session.send_data(sid, b"hello")
+        sock.sendall(b"".join(bytes(c) for c in session.data_to_send()))
+        status = 0
+        echoed = b""
+        while echoed != b"hello":
+            data = sock.recv(65536)
+            if not data:
+                raise AssertionError(f"connection closed (status {status}, echoed {echoed!r})")
+            for event in session.receive_data(data, time.monotonic()):
+                if isinstance(event, ResponseReceived):
+                    status = event.status
+                    assert status == 200, status
+                elif hasattr(event, "data") and getattr(event, "stream_id", 0) == sid:
+                    echoed += bytes(event.data)
+            out = session.data_to_send()
+            if out:
+                sock.sendall(b"".join(bytes(c) for c in out))
+    return time.monotonic() - started
