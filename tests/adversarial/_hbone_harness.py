@@ -8,6 +8,7 @@ import contextlib
 import socket
 import socketserver
 import ssl
+import struct
 import subprocess
 import sys
 import threading
@@ -19,7 +20,8 @@ from pathlib import Path
 import psutil
 
 from ztagent.hbone.events import ConnectionTerminated, GoAwayReceived, ResponseReceived
-from ztagent.hbone.frames import pack_frame
+from ztagent.hbone.frames import Flag, FrameType, pack_frame
+from ztagent.hbone.headers import encode_headers
 from ztagent.hbone.session import HboneSession, Role
 from ztagent.identity.ca import CertificateAuthority
 from ztagent.identity.spiffe import Identity
@@ -218,3 +220,29 @@ def good_tunnel(pki: Pki, port: int, echo_port: int, timeout: float = 10.0) -> f
             if out:
                 sock.sendall(b"".join(bytes(c) for c in out))
     return time.monotonic() - started
+
+
+@contextlib.contextmanager
+def blackhole() -> Iterator[int]:
+    """A loopback port whose connects hang: a listener with a full backlog that never
+    accepts (the kernel drops further SYNs)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = int(listener.getsockname()[1])
+    filler = socket.create_connection(("127.0.0.1", port))
+    try:
+        yield port
+    finally:
+        filler.close()
+        listener.close()
+
+
+def connect_headers(sid: int, authority: str) -> bytes:
+    """A HEADERS frame (END_HEADERS) opening a CONNECT to `authority` on stream `sid`."""
+    block = encode_headers([(":method", "CONNECT"), (":authority", authority)])
+    return pack_frame(FrameType.HEADERS, Flag.END_HEADERS, sid, block)
+
+
+def rst_stream(sid: int, code: int = 8) -> bytes:
+    return pack_frame(FrameType.RST_STREAM, 0, sid, struct.pack(">I", code))

@@ -163,6 +163,8 @@ class HboneServer:
         self.max_pending_handshakes = MAX_PENDING_HANDSHAKES
         self._loop: asyncio.AbstractEventLoop | None = None
         self._handshake_log = LogBudget(log, "failed HBONE handshakes")
+        self._request_log = LogBudget(log, "refused HBONE requests")
+        self._upstream_log = LogBudget(log, "failed HBONE upstream connects")
 
     # ------------------------------------------------------------------- listening
 
@@ -272,7 +274,8 @@ class HboneServer:
         try:
             target = parse_authority(event.authority)
         except ValueError as exc:
-            log.info("HBONE from %s: %s", conn.info.peer_identity, exc)
+            if self._request_log.allow(conn.loop.time()):
+                log.info("HBONE from %s: %s", conn.info.peer_identity, exc)
             conn.session.respond(sid, 400)
             return
         request = InboundRequest(
@@ -290,13 +293,14 @@ class HboneServer:
             log.exception("CONNECT decision failed; refusing %s", event.authority)
             decision = Deny(503, "internal error")
         if isinstance(decision, Deny):
-            log.info(
-                "HBONE %s from %s refused %d %s",
-                event.authority,
-                conn.info.peer_identity,
-                decision.status,
-                decision.reason,
-            )
+            if self._request_log.allow(conn.loop.time()):
+                log.info(
+                    "HBONE %s from %s refused %d %s",
+                    event.authority,
+                    conn.info.peer_identity,
+                    decision.status,
+                    decision.reason,
+                )
             conn.session.respond(sid, decision.status)
             return
         leg = TcpLeg()
@@ -304,7 +308,7 @@ class HboneServer:
         if isinstance(decision, Allow):
             if decision.on_leg is not None:
                 decision.on_leg(leg)
-            self._spawn(self._connect(conn, leg, decision))
+            leg.connecting = self._spawn(self._connect(conn, leg, decision))
             return
         try:
             decision.handler(leg)
@@ -319,13 +323,16 @@ class HboneServer:
         try:
             await connect_leg(loop, leg, allow)
         except Exception as exc:
+            leg.connecting = None
             if isinstance(exc, OSError | TimeoutError):
-                log.info("HBONE upstream %s:%s failed: %s", *allow.address, _reason(exc))
+                if self._upstream_log.allow(loop.time()):
+                    log.info("HBONE upstream %s:%s failed: %s", *allow.address, _reason(exc))
             else:
                 log.exception("HBONE upstream %s:%s failed", *allow.address)
             if leg.conn is conn:
                 conn.refuse(leg, 503, f"upstream connect failed: {_reason(exc)}")
             return
+        leg.connecting = None
         if leg.conn is not conn or conn.closed:
             leg.abort()
             return

@@ -69,6 +69,10 @@ class TlsReceiver:
     def tls_writable(self) -> None:
         """The write buffer fell below the low-water mark after being above the high one."""
 
+    def tls_yield(self) -> bool:
+        """Whether to let the event loop run others before reading more (a batch is spent)."""
+        return False
+
 
 async def _ready(loop: asyncio.AbstractEventLoop, fd: int, write: bool) -> None:
     future: asyncio.Future[None] = loop.create_future()
@@ -230,6 +234,8 @@ class TlsTransport:
         "_sock",
         "_writer_on",
         "fd",
+        "queued_total",
+        "sent_total",
     )
 
     def __init__(
@@ -247,6 +253,10 @@ class TlsTransport:
         self._read_paused = False
         self._closed = False
         self._over_high_water = False
+        # Ciphertext bytes queued for the socket and taken by it, since the start: what is
+        # still queued is the difference (the outbound control-frame budget uses it).
+        self.queued_total = 0
+        self.sent_total = 0
         loop.add_reader(self.fd, self._on_readable)
         if self._incoming.pending:
             loop.call_soon(self._on_readable)
@@ -277,6 +287,8 @@ class TlsTransport:
             self._decrypt(eof=False)
             if n < len(cipher) or self._closed or self._read_paused:
                 return
+            if self._receiver.tls_yield():
+                return  # the socket stays readable: the loop calls back after the others
         self._loop.call_soon(self._on_readable)
 
     def _decrypt(self, eof: bool) -> None:
@@ -350,6 +362,7 @@ class TlsTransport:
         out = self._outgoing.read()
         if not out:
             return
+        self.queued_total += len(out)
         if self._pending:
             self._pending += out
             self._check_high_water()
@@ -361,6 +374,7 @@ class TlsTransport:
         except OSError as exc:
             self._abort(exc)
             return
+        self.sent_total += sent
         if sent < len(out):
             self._pending += memoryview(out)[sent:]
             self._start_writer()
@@ -390,6 +404,7 @@ class TlsTransport:
             self._abort(exc)
             return
         del self._pending[:sent]
+        self.sent_total += sent
         if not self._pending:
             self._writer_on = False
             self._loop.remove_writer(self.fd)
