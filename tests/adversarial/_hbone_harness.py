@@ -19,7 +19,7 @@ from pathlib import Path
 
 import psutil
 
-from ztagent.hbone.events import ConnectionTerminated, GoAwayReceived, ResponseReceived
+from ztagent.hbone.events import ResponseReceived
 from ztagent.hbone.frames import Flag, FrameType, pack_frame
 from ztagent.hbone.headers import encode_headers
 from ztagent.hbone.session import HboneSession, Role
@@ -170,9 +170,11 @@ class RawPeer:
         self.send(pack_frame(ftype, flags, sid, payload))
 
     def goaway_code(self, timeout: float = 5.0) -> int | None:
-        """Read until GOAWAY or the end; the GOAWAY's error code, or None without one."""
+        """Read until GOAWAY or the end; the GOAWAY's error code, or None without one. (Frames
+        are parsed here, not by a session: the raw peer's streams are unknown to one.)"""
         deadline = time.monotonic() + timeout
         self.sock.settimeout(0.5)
+        buffer = b""
         while time.monotonic() < deadline:
             try:
                 data = self.sock.recv(1 << 16)
@@ -182,11 +184,15 @@ class RawPeer:
                 return None
             if not data:
                 return None
-            for event in self.session.receive_data(data, time.monotonic()):
-                if isinstance(event, GoAwayReceived):
-                    return event.error_code
-                if isinstance(event, ConnectionTerminated):
-                    return None
+            buffer += data
+            while len(buffer) >= 9:
+                word, _flags, _sid = struct.unpack(">IBI", buffer[:9])
+                length, ftype = word >> 8, word & 0xFF
+                if len(buffer) < 9 + length:
+                    break
+                if ftype == FrameType.GOAWAY:
+                    return int(struct.unpack(">I", buffer[13:17])[0])
+                buffer = buffer[9 + length :]
         return None
 
     def close(self) -> None:

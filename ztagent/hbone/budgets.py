@@ -39,9 +39,9 @@ class Budgets:
     # Envoy `max_outbound_control_frames` (1000): control frames (PING and SETTINGS acks,
     # RST_STREAM, WINDOW_UPDATE, GOAWAY) written but not yet taken by the peer's socket.
     max_outbound_control_frames: int = 1000
-    # Non-DATA frames handled before the connection lets the event loop run others (a
-    # flood of cheap frames from one peer must not starve every other connection).
-    frames_per_batch: int = 2000
+    # Non-DATA frames in one read past which the connection lets the event loop run others
+    # and reads in small pieces (a flood of cheap frames must not starve other connections).
+    frames_per_batch: int = 500
 
 
 DEFAULT_BUDGETS = Budgets()
@@ -145,12 +145,8 @@ class FloodGuard:
                 return "too many WINDOW_UPDATE frames"
         return None
 
-    def data_frame_sent(self) -> None:
-        self.data_sent += 1
-
     def take_batch(self) -> bool:
-        """Whether this batch of frames is spent (and a new one starts): time to yield."""
-        if self.batch_frames >= self.b.frames_per_batch:
-            self.batch_frames = 0
-            return True
-        return False
+        """Whether the frames since the last call spent a batch (time to yield); starts anew."""
+        spent = self.batch_frames >= self.b.frames_per_batch
+        self.batch_frames = 0
+        return spent

@@ -89,8 +89,10 @@ class Settings:
     max_frame_size: int = 1 * MiB
     max_concurrent_streams: int = 200
     max_header_list_size: int = 16 * 1024
-    # Compressed bytes of one header block, CONTINUATIONs included: a flood guard.
-    max_header_block: int = 64 * 1024
+    # Compressed bytes of one header block, CONTINUATIONs included: a flood guard. A block
+    # within the header list limit is never larger than the list (HPACK only shrinks), so the
+    # same 16 KiB (Envoy caps both with `max_request_headers_kb`, 60 by default).
+    max_header_block: int = 16 * 1024
     keepalive_interval: float = 10.0
     keepalive_timeout: float = 20.0
 
