@@ -156,8 +156,14 @@ def echo_server() -> Iterator[int]:
 class RawPeer:
     """An mTLS HTTP/2 peer that writes any bytes; the session only parses what comes back."""
 
-    def __init__(self, pki: Pki, port: int, timeout: float = 5.0) -> None:
-        raw = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    def __init__(
+        self, pki: Pki, port: int, timeout: float = 5.0, rcvbuf: int | None = None
+    ) -> None:
+        raw = socket.socket()
+        if rcvbuf is not None:
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        raw.settimeout(timeout)
+        raw.connect(("127.0.0.1", port))
         self.sock = pki.client.client_context().wrap_socket(raw)
         self.session = HboneSession(Role.CLIENT)
         self.session.initiate()
