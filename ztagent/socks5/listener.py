@@ -10,7 +10,9 @@ SOCKS5 reply for the CONNECT's status before any tunnel bytes.
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
+import socket
 from collections.abc import Callable
 from typing import cast
 
@@ -58,6 +60,37 @@ class HandshakeSlots:
 
 # Shared by every listener that is not given its own.
 DEFAULT_SLOTS = HandshakeSlots()
+
+# The agent's own ports (REFERENCE: ports of the node agent; 15090 is Envoy's and Istio's
+# Prometheus port): never a SOCKS5 destination on one of this host's addresses, or a local
+# workload could drive the agent itself (`/quitquitquit` on the admin port 15000).
+AGENT_PORTS = frozenset({15000, 15001, 15006, 15008, 15020, 15021, 15053, 15080, 15090})
+
+
+def is_own_address(ip: str) -> bool:
+    """Whether `ip` reaches this host: loopback, unspecified, or an address of one of its
+    interfaces (binding to it succeeds; EADDRNOTAVAIL says it is someone else's)."""
+    addr = ipaddress.ip_address(ip)
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    if addr.is_loopback or addr.is_unspecified:
+        return True
+    family = socket.AF_INET6 if addr.version == 6 else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((str(addr), 0))
+    except OSError as exc:
+        return exc.errno != errno.EADDRNOTAVAIL
+    return True
+
+
+def refused_destination(destination: tuple[str, int]) -> str | None:
+    """Why a SOCKS5 destination is refused here, or None."""
+    host, port = destination
+    if port in AGENT_PORTS and is_own_address(host):
+        return f"port {port} belongs to the agent"
+    return None
+
 
 # What SOCKS5 says for each way an HBONE CONNECT can be refused.
 _FOR_STATUS = {401: Reply.NOT_ALLOWED, 400: Reply.NOT_ALLOWED, 503: Reply.CONNECTION_REFUSED}
@@ -159,4 +192,8 @@ class Socks5Listener(asyncio.Protocol):
             host = address
         peer = transport.get_extra_info("peername")
         destination = (host, event.port)
+        if refused_destination(destination) is not None:
+            transport.write(self.handshake.reply(Reply.NOT_ALLOWED))
+            transport.close()
+            return
         self.connect(transport, (peer[0], peer[1]), destination, self.held, self.handshake.reply)
