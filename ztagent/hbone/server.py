@@ -359,7 +359,14 @@ class HboneServer:
     async def drain(self, timeout: float = 5.0) -> None:
         """Stop accepting, GOAWAY every connection, wait for open tunnels (bounded)."""
         self.stop_listening()
+        for task in list(self._handshaking):
+            task.cancel()
         for conn in list(self.connections):
+            # A tunnel still connecting upstream will not be one: refuse it now rather than
+            # hold the shutdown for its connect timeout.
+            for leg in [leg for leg in conn.legs.values() if leg.connecting is not None]:
+                leg.cancel_connect()
+                conn.refuse(leg, 503, "shutting down")
             conn.drain()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
