@@ -165,9 +165,10 @@ class RawPeer:
         raw.settimeout(timeout)
         raw.connect(("127.0.0.1", port))
         self.sock = pki.client.client_context().wrap_socket(raw)
-        self.session = HboneSession(Role.CLIENT)
-        self.session.initiate()
-        self.sock.sendall(b"".join(bytes(c) for c in self.session.data_to_send()))
+        self._buffer = b""
+        session = HboneSession(Role.CLIENT)
+        session.initiate()  # the preface, SETTINGS and the connection window
+        self.sock.sendall(b"".join(bytes(c) for c in session.data_to_send()))
 
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)
@@ -175,13 +176,24 @@ class RawPeer:
     def frame(self, ftype: int, flags: int, sid: int, payload: bytes = b"") -> None:
         self.send(pack_frame(ftype, flags, sid, payload))
 
-    def goaway_code(self, timeout: float = 5.0) -> int | None:
-        """Read until GOAWAY or the end; the GOAWAY's error code, or None without one. (Frames
-        are parsed here, not by a session: the raw peer's streams are unknown to one.)"""
+    def wait_for(
+        self, ftypes: tuple[int, ...], timeout: float = 5.0
+    ) -> tuple[int, int, int, bytes] | None:
+        """Read until a frame of one of `ftypes`: (type, flags, stream, payload); None if
+        the connection ends or time runs out first. (Frames are parsed here, not by a
+        session: the raw peer's streams are unknown to one.)"""
         deadline = time.monotonic() + timeout
         self.sock.settimeout(0.5)
-        buffer = b""
         while time.monotonic() < deadline:
+            while len(self._buffer) >= 9:
+                word, flags, sid = struct.unpack(">IBI", self._buffer[:9])
+                length, ftype = word >> 8, word & 0xFF
+                if len(self._buffer) < 9 + length:
+                    break
+                payload = self._buffer[9 : 9 + length]
+                self._buffer = self._buffer[9 + length :]
+                if ftype in ftypes:
+                    return ftype, flags, sid, payload
             try:
                 data = self.sock.recv(1 << 16)
             except TimeoutError:
@@ -190,16 +202,13 @@ class RawPeer:
                 return None
             if not data:
                 return None
-            buffer += data
-            while len(buffer) >= 9:
-                word, _flags, _sid = struct.unpack(">IBI", buffer[:9])
-                length, ftype = word >> 8, word & 0xFF
-                if len(buffer) < 9 + length:
-                    break
-                if ftype == FrameType.GOAWAY:
-                    return int(struct.unpack(">I", buffer[13:17])[0])
-                buffer = buffer[9 + length :]
+            self._buffer += data
         return None
+
+    def goaway_code(self, timeout: float = 5.0) -> int | None:
+        """Read until GOAWAY; its error code, or None without one."""
+        frame = self.wait_for((FrameType.GOAWAY,), timeout)
+        return None if frame is None else int(struct.unpack(">I", frame[3][4:8])[0])
 
     def close(self) -> None:
         with contextlib.suppress(OSError):

@@ -53,65 +53,23 @@ from ztagent.hbone.frames import (
     FrameType,
     SettingCode,
     Settings,
+    ascii_digits,
     pack_frame,
 )
 from ztagent.hbone.headers import (
     MalformedRequest,
-    decode_simple_headers,
+    decode_block,
     encode_headers,
     request_target,
 )
+from ztagent.hbone.stream import ConnectionFault as _ConnectionError
+from ztagent.hbone.stream import Stream as _Stream
+from ztagent.hbone.stream import StreamFault as _StreamError
 
 
 class Role(enum.Enum):
     CLIENT = "client"
     SERVER = "server"
-
-
-class _ConnectionError(Exception):
-    def __init__(self, code: ErrorCode, reason: str) -> None:
-        super().__init__(reason)
-        self.code = code
-        self.reason = reason
-
-
-class _StreamError(Exception):
-    def __init__(self, stream_id: int, code: ErrorCode, reason: str) -> None:
-        super().__init__(reason)
-        self.stream_id = stream_id
-        self.code = code
-
-
-# ----------------------------------------------------------------------------- state
-
-
-class _Stream:
-    __slots__ = (
-        "id",
-        "local_closed",
-        "opened",
-        "pending",
-        "pending_end",
-        "recv_window",
-        "remote_closed",
-        "responded",
-        "send_window",
-        "unacked",
-    )
-
-    def __init__(
-        self, stream_id: int, send_window: int, recv_window: int, opened: float = 0.0
-    ) -> None:
-        self.id = stream_id
-        self.opened = opened
-        self.send_window = send_window
-        self.recv_window = recv_window
-        self.unacked = 0
-        self.local_closed = False
-        self.remote_closed = False
-        self.responded = False
-        self.pending = bytearray()
-        self.pending_end = False
 
 
 # Reading states for the frame parser.
@@ -581,17 +539,8 @@ class HboneSession:
     def _header_block_done(self, sid: int, flags: int, events: list[Event]) -> None:
         block = bytes(self._header_block)
         self._header_block = bytearray()
-        simple = decode_simple_headers(block)
         try:
-            if simple is not None:
-                if (
-                    sum(len(k) + len(v) + 32 for k, v in simple)
-                    > self.settings.max_header_list_size
-                ):
-                    raise hpack.OversizedHeaderListError("header list too large")
-                headers: Headers = simple
-            else:
-                headers = [(str(k), str(v)) for k, v in self._decoder.decode(block, raw=False)]
+            headers = decode_block(self._decoder, block, self.settings.max_header_list_size)
         except hpack.OversizedHeaderListError:
             # The decoder state stayed consistent; only this request is refused.
             self._note_remote_stream(sid)
@@ -655,7 +604,7 @@ class HboneSession:
             self._maybe_forget(stream)
             return
         status_text = next((v for k, v in headers if k == ":status"), "")
-        if not (len(status_text) == 3 and status_text.isdigit()):
+        if not (len(status_text) == 3 and ascii_digits(status_text)):
             raise _StreamError(sid, ErrorCode.PROTOCOL_ERROR, "response without :status")
         status = int(status_text)
         if 100 <= status < 200:
