@@ -92,6 +92,7 @@ class FakeTls:
         self.out: list[bytes] = []
         self.closed = False
         self.congested = False
+        self.queued_total = self.sent_total = 0  # everything written is taken at once
 
     def write_chunks(self, chunks: Iterable[bytes | memoryview]) -> None:
         self.out.append(b"".join(bytes(c) for c in chunks))

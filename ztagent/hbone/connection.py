@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
@@ -55,6 +56,7 @@ class TcpLeg(asyncio.BufferedProtocol):
         "bytes_in",
         "bytes_out",
         "conn",
+        "connecting",
         "early",
         "held",
         "local_ended",
@@ -71,6 +73,9 @@ class TcpLeg(asyncio.BufferedProtocol):
         self.conn: HboneConnection | None = None
         self.stream_id = 0
         self.transport: asyncio.Transport | None = None
+        # Server side: the upstream connect under way, cancelled if the leg leaves first
+        # (a stream reset while its connect is pending must not leave the connect behind).
+        self.connecting: asyncio.Task[None] | None = None
         self.state = HOLDING
         self.write_paused = False
         self.local_ended = False
@@ -145,6 +150,11 @@ class TcpLeg(asyncio.BufferedProtocol):
         if self.transport is not None:
             self.transport.abort()
 
+    def cancel_connect(self) -> None:
+        task, self.connecting = self.connecting, None
+        if task is not None:
+            task.cancel()
+
     def finished(self, error: str | None) -> None:
         callback, self.on_done = self.on_done, None
         if callback is not None:
@@ -187,6 +197,9 @@ class HboneConnection(TlsReceiver):
         self.settings_received = loop.create_future()
         self._starved: set[TcpLeg] = set()  # legs paused because TLS is congested
         self._timer: asyncio.TimerHandle | None = None
+        # Control frames written but not yet taken by the socket: (queued_total mark, count).
+        self._control_marks: deque[tuple[int, int]] = deque()
+        self._control_in_queue = 0
 
     def start(self, transport: TlsTransport) -> None:
         self.transport = transport
@@ -198,8 +211,34 @@ class HboneConnection(TlsReceiver):
 
     def flush(self) -> None:
         out = self.session.data_to_send()
-        if out and self.transport is not None:
-            self.transport.write_chunks(out)
+        transport = self.transport
+        if out and transport is not None:
+            transport.write_chunks(out)
+            control = self.session.take_control_queued()
+            if control and not self.closed:
+                self._count_control(transport, control)
+
+    def _count_control(self, transport: TlsTransport, count: int) -> None:
+        """Envoy's `max_outbound_control_frames`: a peer that makes us answer (PING, SETTINGS,
+        RST_STREAM) but does not read the answers is cut off, not buffered for."""
+        marks = self._control_marks
+        sent = transport.sent_total
+        while marks and marks[0][0] <= sent:
+            self._control_in_queue -= marks.popleft()[1]
+        if transport.queued_total <= sent:
+            return
+        marks.append((transport.queued_total, count))
+        self._control_in_queue += count
+        if self._control_in_queue > self.session.guard.b.max_outbound_control_frames:
+            log.info(
+                "HBONE connection %s closed: %d control frames unread",
+                self.info.peer_address,
+                self._control_in_queue,
+            )
+            marks.clear()
+            self._control_in_queue = 0
+            self.session.close(ErrorCode.ENHANCE_YOUR_CALM, "outbound control frames not read")
+            self.close()
 
     # ------------------------------------------------------------- TLS side events
 
@@ -208,6 +247,9 @@ class HboneConnection(TlsReceiver):
         if events:
             self._handle(events)
         self.flush()
+
+    def tls_yield(self) -> bool:
+        return self.session.guard.take_batch()
 
     def tls_writable(self) -> None:
         starved, self._starved = self._starved, set()
@@ -358,6 +400,7 @@ class HboneConnection(TlsReceiver):
             return
         del self.legs[leg.stream_id]
         leg.conn = None
+        leg.cancel_connect()
         leg.state = next_state(leg.state, TunnelEvent.RELEASED)
         self._starved.discard(leg)
         if reset and self.session.has_stream(leg.stream_id):
@@ -464,6 +507,7 @@ class HboneConnection(TlsReceiver):
         legs, self.legs = self.legs, {}
         for leg in legs.values():
             leg.conn = None
+            leg.cancel_connect()
             leg.state = next_state(leg.state, TunnelEvent.RELEASED)
             leg.abort()
             leg.finished("HBONE connection closed")

@@ -89,8 +89,10 @@ class Settings:
     max_frame_size: int = 1 * MiB
     max_concurrent_streams: int = 200
     max_header_list_size: int = 16 * 1024
-    # Compressed bytes of one header block, CONTINUATIONs included: a flood guard.
-    max_header_block: int = 64 * 1024
+    # Compressed bytes of one header block, CONTINUATIONs included: a flood guard. A block
+    # within the header list limit is never larger than the list (HPACK only shrinks), so the
+    # same 16 KiB (Envoy caps both with `max_request_headers_kb`, 60 by default).
+    max_header_block: int = 16 * 1024
     keepalive_interval: float = 10.0
     keepalive_timeout: float = 20.0
 
@@ -103,8 +105,22 @@ def pack_frame(ftype: int, flags: int, stream_id: int, payload: bytes = b"") -> 
     return FRAME_HEADER.pack((len(payload) << 8) | ftype, flags, stream_id) + payload
 
 
+def ascii_digits(text: str) -> bool:
+    """Only 0-9 (`str.isdigit` also takes other scripts' digits, which `int` then reads)."""
+    return text.isascii() and text.isdigit()
+
+
+def parse_port(text: str) -> int:
+    """A TCP port in ASCII digits, 1-65535; ValueError otherwise. The one place a port from a
+    peer is read, so one header cannot mean two ports."""
+    if not ascii_digits(text) or len(text) > 5 or not 0 < int(text) < 65536:
+        raise ValueError(f"bad port {text!r}")
+    return int(text)
+
+
 def parse_authority(authority: str) -> tuple[str, int]:
-    """`ip:port` or `[v6]:port` -> (ip, port); ValueError with the reason otherwise."""
+    """`ip:port` or `[v6]:port` -> (ip, port); ValueError with the reason otherwise. An
+    IPv4-mapped IPv6 address comes back as the IPv4 address it stands for."""
     host, sep, port_text = authority.rpartition(":")
     if not sep or not host:
         raise ValueError(f"authority {authority!r} is not ip:port")
@@ -114,14 +130,20 @@ def parse_authority(authority: str) -> tuple[str, int]:
             raise ValueError(f"authority {authority!r}: brackets are for IPv6 only")
     elif ":" in host:
         raise ValueError(f"authority {authority!r}: IPv6 needs brackets")
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise ValueError(f"authority {authority!r}: bad port")
+    try:
+        port = parse_port(port_text)
+    except ValueError:
+        raise ValueError(f"authority {authority!r}: bad port") from None
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
         ip = socket.inet_ntop(family, socket.inet_pton(family, host))  # normal form
     except OSError:
         raise ValueError(f"authority {authority!r}: host is not an IP address") from None
-    return ip, int(port_text)
+    if family == socket.AF_INET6:
+        mapped = ipaddress.IPv6Address(ip).ipv4_mapped
+        if mapped is not None:
+            ip = str(mapped)
+    return ip, port
 
 
 def format_authority(ip: str, port: int) -> str:

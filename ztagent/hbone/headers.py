@@ -5,6 +5,8 @@ request header list. Pure functions: no state, no I/O.
 
 from __future__ import annotations
 
+import hpack
+
 # RFC 7541 Appendix A: the static table entries a CONNECT exchange can use.
 _STATIC_FULL = {
     (":status", "200"): 8,
@@ -183,6 +185,22 @@ def decode_simple_headers(data: bytes) -> list[tuple[str, str]] | None:
     return out
 
 
+def decode_block(decoder: hpack.Decoder, block: bytes, max_list_size: int) -> list[tuple[str, str]]:
+    """Decode a header block: the blocks `encode_headers` writes without touching the decoder,
+    the rest through it. Octets are read as Latin-1 on both paths, so one block means the
+    same whichever decodes it. Raises `hpack.OversizedHeaderListError` past `max_list_size`
+    (RFC 9113 size: name + value + 32 per field), other `hpack.HPACKError`s if malformed."""
+    simple = decode_simple_headers(block)
+    if simple is None:
+        return [
+            (bytes(k).decode("latin-1"), bytes(v).decode("latin-1"))
+            for k, v in decoder.decode(block, raw=True)
+        ]
+    if sum(len(k) + len(v) + 32 for k, v in simple) > max_list_size:
+        raise hpack.OversizedHeaderListError("header list too large")
+    return simple
+
+
 def encode_headers(headers: list[tuple[str, str]]) -> bytes:
     """HPACK-encode with static-table indexes and literals *without indexing*, no Huffman.
 
@@ -218,12 +236,18 @@ def request_target(headers: list[tuple[str, str]]) -> tuple[str, str]:
     """Validate a request header list (RFC 9113 8.2-8.3); returns (method, authority)."""
     method = authority = ""
     seen_regular = False
+    seen_pseudo: set[str] = set()
     for name, value in headers:
         if name != name.lower() or not name:
             raise MalformedRequest(f"header name {name!r}")
         if name.startswith(":"):
             if seen_regular:
                 raise MalformedRequest("pseudo-header after headers")
+            if name in seen_pseudo:
+                # RFC 9113 8.3: each pseudo-header at most once (h2 and Envoy refuse a second
+                # `:authority` instead of letting the last one win).
+                raise MalformedRequest(f"duplicate {name}")
+            seen_pseudo.add(name)
             if name == ":method":
                 method = value
             elif name == ":authority":

@@ -23,16 +23,43 @@ from ztagent.errors import LocalError, RemoteError
 from ztagent.hbone.connection import ConnectionInfo, HboneConnection, TcpLeg
 from ztagent.hbone.events import ConnectRequest, Headers
 from ztagent.hbone.frames import Settings, parse_authority
+from ztagent.hbone.logbudget import LogBudget
 from ztagent.hbone.session import HboneSession, Role
 from ztagent.hbone.tls import TlsConfig
-from ztagent.hbone.transport import TlsStream, TlsTransport, connect_socket, make_socket
+from ztagent.hbone.transport import (
+    TlsStream,
+    TlsTransport,
+    connect_socket,
+    make_socket,
+    wait_readable,
+)
 from ztagent.identity.spiffe import Identity
 
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 10.0
+# A TLS handshake must finish within this (ztunnel and Envoy's `transport_socket_connect_
+# timeout` bound it the same way)...
 HANDSHAKE_TIMEOUT = 10.0
+# ...and within less as pending handshakes pile up: from half the cap on, the timeout shrinks
+# linearly to MIN_HANDSHAKE_TIMEOUT at the cap (Envoy's overload manager `reduce_timeouts`
+# scales `TRANSPORT_SOCKET_CONNECT` between a minimum and the configured value the same way).
+MIN_HANDSHAKE_TIMEOUT = 1.0
+# Connections accepted whose handshake is not done, at most (Envoy's listener
+# `max_connections` / `global_downstream_max_connections`, which have no default: sized to the
+# listen backlog). At the cap the oldest pending one is closed to admit the new one, so a
+# flood of silent connections cannot lock good clients out.
+MAX_PENDING_HANDSHAKES = 1024
 ACCEPTS_PER_CALLBACK = 64
+
+
+def handshake_timeout(pending: int, cap: int = MAX_PENDING_HANDSHAKES) -> float:
+    """The handshake timeout for a connection accepted while `pending` others wait."""
+    half = cap / 2
+    if pending <= half:
+        return HANDSHAKE_TIMEOUT
+    load = min(1.0, (pending - half) / half)
+    return HANDSHAKE_TIMEOUT - load * (HANDSHAKE_TIMEOUT - MIN_HANDSHAKE_TIMEOUT)
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,7 +158,13 @@ class HboneServer:
         self.connections: set[HboneConnection] = set()
         self._listeners: list[socket.socket] = []
         self._tasks: set[asyncio.Task[None]] = set()
+        # Handshakes under way, oldest first (the one closed when the cap is reached).
+        self._handshaking: dict[asyncio.Task[None], None] = {}
+        self.max_pending_handshakes = MAX_PENDING_HANDSHAKES
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._handshake_log = LogBudget(log, "failed HBONE handshakes")
+        self._request_log = LogBudget(log, "refused HBONE requests")
+        self._upstream_log = LogBudget(log, "failed HBONE upstream connects")
 
     # ------------------------------------------------------------------- listening
 
@@ -171,15 +204,27 @@ class HboneServer:
                 return
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self._spawn(self._accept(sock))
+            pending = self._handshaking
+            while len(pending) >= self.max_pending_handshakes:
+                oldest = next(iter(pending))
+                del pending[oldest]
+                oldest.cancel()
+            timeout = handshake_timeout(len(pending), self.max_pending_handshakes)
+            task = self._spawn(self._accept(sock, timeout))
+            pending[task] = None
+            task.add_done_callback(self._handshake_over)
 
-    def _spawn(self, coro: object) -> None:
+    def _handshake_over(self, task: asyncio.Task[None]) -> None:
+        self._handshaking.pop(task, None)
+
+    def _spawn(self, coro: object) -> asyncio.Task[None]:
         assert self._loop is not None
         task: asyncio.Task[None] = self._loop.create_task(coro)  # type: ignore[arg-type]
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
-    async def _accept(self, raw: socket.socket) -> None:
+    async def _accept(self, raw: socket.socket, timeout: float) -> None:
         loop = asyncio.get_running_loop()
         try:
             local = raw.getsockname()[:2]
@@ -189,21 +234,31 @@ class HboneServer:
             return
         tls = self._tls_for(local)
         if tls is None:
-            log.info("HBONE from %s:%s to %s:%s refused: no certificate for it", *peer, *local)
+            if self._handshake_log.allow(loop.time()):
+                log.info("HBONE from %s:%s to %s:%s refused: no certificate", *peer, *local)
             raw.close()
             return
-        stream = TlsStream(raw, tls.server_context, server_side=True)
+        deadline = loop.time() + timeout
+        stream: TlsStream | None = None
         try:
-            await asyncio.wait_for(stream.handshake(loop), HANDSHAKE_TIMEOUT)
+            # No TLS state until the client speaks: a silent connection costs a socket only.
+            await asyncio.wait_for(wait_readable(loop, raw), timeout)
+            stream = TlsStream(raw, tls.server_context, server_side=True)
+            await asyncio.wait_for(stream.handshake(loop), max(0.0, deadline - loop.time()))
             identity = tls.check_client(stream.obj)
         except (OSError, ssl.SSLError, RemoteError, TimeoutError) as exc:
-            log.info("HBONE handshake from %s:%s failed: %s", peer[0], peer[1], _reason(exc))
-            with contextlib.suppress(ssl.SSLError, OSError):
-                stream.obj.unwrap()  # best effort: tell the peer (an alert) before closing
-            with contextlib.suppress(OSError):
-                raw.send(stream.outgoing.read())
-            stream.close()
+            if self._handshake_log.allow(loop.time()):
+                log.info("HBONE handshake from %s:%s failed: %s", peer[0], peer[1], _reason(exc))
+            if stream is not None:
+                with contextlib.suppress(ssl.SSLError, OSError):
+                    stream.obj.unwrap()  # best effort: tell the peer (an alert) before closing
+                with contextlib.suppress(OSError):
+                    raw.send(stream.outgoing.read())
+            raw.close()
             return
+        except BaseException:  # cancelled: the cap of pending handshakes, or shutdown
+            raw.close()
+            raise
         session = HboneSession(Role.SERVER, self.settings, loop.time())
         conn = HboneConnection(
             loop,
@@ -225,7 +280,8 @@ class HboneServer:
         try:
             target = parse_authority(event.authority)
         except ValueError as exc:
-            log.info("HBONE from %s: %s", conn.info.peer_identity, exc)
+            if self._request_log.allow(conn.loop.time()):
+                log.info("HBONE from %s: %s", conn.info.peer_identity, exc)
             conn.session.respond(sid, 400)
             return
         request = InboundRequest(
@@ -243,13 +299,14 @@ class HboneServer:
             log.exception("CONNECT decision failed; refusing %s", event.authority)
             decision = Deny(503, "internal error")
         if isinstance(decision, Deny):
-            log.info(
-                "HBONE %s from %s refused %d %s",
-                event.authority,
-                conn.info.peer_identity,
-                decision.status,
-                decision.reason,
-            )
+            if self._request_log.allow(conn.loop.time()):
+                log.info(
+                    "HBONE %s from %s refused %d %s",
+                    event.authority,
+                    conn.info.peer_identity,
+                    decision.status,
+                    decision.reason,
+                )
             conn.session.respond(sid, decision.status)
             return
         leg = TcpLeg()
@@ -257,7 +314,7 @@ class HboneServer:
         if isinstance(decision, Allow):
             if decision.on_leg is not None:
                 decision.on_leg(leg)
-            self._spawn(self._connect(conn, leg, decision))
+            leg.connecting = self._spawn(self._connect(conn, leg, decision))
             return
         try:
             decision.handler(leg)
@@ -272,13 +329,16 @@ class HboneServer:
         try:
             await connect_leg(loop, leg, allow)
         except Exception as exc:
+            leg.connecting = None
             if isinstance(exc, OSError | TimeoutError):
-                log.info("HBONE upstream %s:%s failed: %s", *allow.address, _reason(exc))
+                if self._upstream_log.allow(loop.time()):
+                    log.info("HBONE upstream %s:%s failed: %s", *allow.address, _reason(exc))
             else:
                 log.exception("HBONE upstream %s:%s failed", *allow.address)
             if leg.conn is conn:
                 conn.refuse(leg, 503, f"upstream connect failed: {_reason(exc)}")
             return
+        leg.connecting = None
         if leg.conn is not conn or conn.closed:
             leg.abort()
             return
@@ -305,7 +365,14 @@ class HboneServer:
     async def drain(self, timeout: float = 5.0) -> None:
         """Stop accepting, GOAWAY every connection, wait for open tunnels (bounded)."""
         self.stop_listening()
+        for task in list(self._handshaking):
+            task.cancel()
         for conn in list(self.connections):
+            # A tunnel still connecting upstream will not be one: refuse it now rather than
+            # hold the shutdown for its connect timeout.
+            for leg in [leg for leg in conn.legs.values() if leg.connecting is not None]:
+                leg.cancel_connect()
+                conn.refuse(leg, 503, "shutting down")
             conn.drain()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout

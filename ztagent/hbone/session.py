@@ -23,6 +23,7 @@ from collections.abc import Iterable
 import hpack
 
 from ztagent.errors import LocalError
+from ztagent.hbone.budgets import DEFAULT_BUDGETS, Budgets, FloodGuard
 from ztagent.hbone.events import (
     ConnectionTerminated,
     ConnectRequest,
@@ -52,61 +53,23 @@ from ztagent.hbone.frames import (
     FrameType,
     SettingCode,
     Settings,
+    ascii_digits,
     pack_frame,
 )
 from ztagent.hbone.headers import (
     MalformedRequest,
-    decode_simple_headers,
+    decode_block,
     encode_headers,
     request_target,
 )
+from ztagent.hbone.stream import ConnectionFault as _ConnectionError
+from ztagent.hbone.stream import Stream as _Stream
+from ztagent.hbone.stream import StreamFault as _StreamError
 
 
 class Role(enum.Enum):
     CLIENT = "client"
     SERVER = "server"
-
-
-class _ConnectionError(Exception):
-    def __init__(self, code: ErrorCode, reason: str) -> None:
-        super().__init__(reason)
-        self.code = code
-        self.reason = reason
-
-
-class _StreamError(Exception):
-    def __init__(self, stream_id: int, code: ErrorCode, reason: str) -> None:
-        super().__init__(reason)
-        self.stream_id = stream_id
-        self.code = code
-
-
-# ----------------------------------------------------------------------------- state
-
-
-class _Stream:
-    __slots__ = (
-        "id",
-        "local_closed",
-        "pending",
-        "pending_end",
-        "recv_window",
-        "remote_closed",
-        "responded",
-        "send_window",
-        "unacked",
-    )
-
-    def __init__(self, stream_id: int, send_window: int, recv_window: int) -> None:
-        self.id = stream_id
-        self.send_window = send_window
-        self.recv_window = recv_window
-        self.unacked = 0
-        self.local_closed = False
-        self.remote_closed = False
-        self.responded = False
-        self.pending = bytearray()
-        self.pending_end = False
 
 
 # Reading states for the frame parser.
@@ -116,9 +79,19 @@ _HEADER, _PAYLOAD, _DATA_PAD_LENGTH, _DATA, _DATA_PADDING = range(5)
 class HboneSession:
     """One HBONE connection's HTTP/2 state, for either role."""
 
-    def __init__(self, role: Role, settings: Settings | None = None, now: float = 0.0) -> None:
+    def __init__(
+        self,
+        role: Role,
+        settings: Settings | None = None,
+        now: float = 0.0,
+        budgets: Budgets = DEFAULT_BUDGETS,
+    ) -> None:
         self.role = role
         self.settings = settings or Settings()
+        self.guard = FloodGuard(budgets, now)
+        self._now = now
+        self._flood = ""  # why the peer's frames exceeded a budget, when they did
+        self.control_queued = 0
         self._out: list[bytes | memoryview] = []
         self._streams: dict[int, _Stream] = {}
         self._decoder = hpack.Decoder(max_header_list_size=self.settings.max_header_list_size)
@@ -205,8 +178,9 @@ class HboneSession:
         self._next_stream_id += 2
         block = [(":method", "CONNECT"), (":authority", authority), *headers]
         self._streams[stream_id] = _Stream(
-            stream_id, self._peer_initial_window, self.settings.stream_window
+            stream_id, self._peer_initial_window, self.settings.stream_window, self._now
         )
+        self.guard.stream_opened()
         self._send_headers(stream_id, block, end_stream=False)
         return stream_id
 
@@ -222,10 +196,10 @@ class HboneSession:
             stream.local_closed = True
             if not stream.remote_closed:
                 # The tunnel is refused: tell the peer to stop sending (RFC 9113 8.1).
-                self._out.append(
+                self._control(
                     pack_frame(FrameType.RST_STREAM, 0, stream_id, U32.pack(ErrorCode.NO_ERROR))
                 )
-            self._streams.pop(stream_id, None)
+            self._forget(stream, reset=False)
 
     def send_data(self, stream_id: int, data: bytes | memoryview, end_stream: bool = False) -> bool:
         """Queue tunnel bytes. Returns False when flow control held some back: the rest is
@@ -264,6 +238,7 @@ class HboneSession:
         stream.send_window -= length
         self._send_window -= length
         self._out.append(buffer[: FRAME_HEADER_SIZE + length])
+        self.guard.data_sent += 1
         return True
 
     def end_stream(self, stream_id: int) -> None:
@@ -277,8 +252,11 @@ class HboneSession:
         self._emit_data(stream, memoryview(b""), True)
 
     def reset_stream(self, stream_id: int, code: ErrorCode = ErrorCode.CANCEL) -> None:
-        if self._streams.pop(stream_id, None) is not None and not self.closed:
-            self._out.append(pack_frame(FrameType.RST_STREAM, 0, stream_id, U32.pack(code)))
+        stream = self._streams.get(stream_id)
+        if stream is not None:
+            self._forget(stream, reset=False)
+            if not self.closed:
+                self._control(pack_frame(FrameType.RST_STREAM, 0, stream_id, U32.pack(code)))
 
     def acknowledge(self, stream_id: int, length: int, stream_level: bool = True) -> None:
         """Return receive credit for `length` delivered bytes. The connection window is always
@@ -286,9 +264,7 @@ class HboneSession:
         which is how backpressure reaches the peer without stalling other tunnels)."""
         self._conn_unacked += length
         if self._conn_unacked >= self.settings.connection_window // 4:
-            self._out.append(
-                pack_frame(FrameType.WINDOW_UPDATE, 0, 0, U32.pack(self._conn_unacked))
-            )
+            self._control(pack_frame(FrameType.WINDOW_UPDATE, 0, 0, U32.pack(self._conn_unacked)))
             self._recv_window += self._conn_unacked
             self._conn_unacked = 0
         stream = self._streams.get(stream_id)
@@ -362,7 +338,7 @@ class HboneSession:
     def receive_data(self, data: bytes | memoryview, now: float = 0.0) -> list[Event]:
         if self.closed:
             return []
-        self._last_received = now
+        self._last_received = self._now = now
         self._ping_outstanding = False
         events: list[Event] = []
         try:
@@ -442,6 +418,9 @@ class HboneSession:
     ) -> None:
         if length > self.settings.max_frame_size:
             raise _ConnectionError(ErrorCode.FRAME_SIZE_ERROR, f"frame of {length} bytes")
+        flood = self.guard.frame(ftype, length, flags) or self._flood
+        if flood:
+            raise _ConnectionError(ErrorCode.ENHANCE_YOUR_CALM, flood)
         if self._continuation_stream and (
             ftype != FrameType.CONTINUATION or sid != self._continuation_stream
         ):
@@ -517,8 +496,8 @@ class HboneSession:
                 raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, "PUSH_PROMISE is disabled")
             # Unknown frame types are ignored (RFC 9113 5.5).
         except _StreamError as exc:
-            self._streams.pop(exc.stream_id, None)
-            self._out.append(pack_frame(FrameType.RST_STREAM, 0, exc.stream_id, U32.pack(exc.code)))
+            self._forget(self._streams.get(exc.stream_id), reset=True)
+            self._control(pack_frame(FrameType.RST_STREAM, 0, exc.stream_id, U32.pack(exc.code)))
             events.append(StreamReset(exc.stream_id, exc.code, remote=False))
 
     # --------------------------------------------------------------- internals: frames
@@ -560,17 +539,8 @@ class HboneSession:
     def _header_block_done(self, sid: int, flags: int, events: list[Event]) -> None:
         block = bytes(self._header_block)
         self._header_block = bytearray()
-        simple = decode_simple_headers(block)
         try:
-            if simple is not None:
-                if (
-                    sum(len(k) + len(v) + 32 for k, v in simple)
-                    > self.settings.max_header_list_size
-                ):
-                    raise hpack.OversizedHeaderListError("header list too large")
-                headers: Headers = simple
-            else:
-                headers = [(str(k), str(v)) for k, v in self._decoder.decode(block, raw=False)]
+            headers = decode_block(self._decoder, block, self.settings.max_header_list_size)
         except hpack.OversizedHeaderListError:
             # The decoder state stayed consistent; only this request is refused.
             self._note_remote_stream(sid)
@@ -612,7 +582,8 @@ class HboneSession:
             method, authority = request_target(headers)
         except MalformedRequest as exc:
             raise _StreamError(sid, ErrorCode.PROTOCOL_ERROR, str(exc)) from None
-        stream = _Stream(sid, self._peer_initial_window, self.settings.stream_window)
+        stream = _Stream(sid, self._peer_initial_window, self.settings.stream_window, self._now)
+        self.guard.stream_opened()
         stream.remote_closed = end_stream
         self._streams[sid] = stream
         events.append(ConnectRequest(sid, method, authority, headers))
@@ -633,7 +604,7 @@ class HboneSession:
             self._maybe_forget(stream)
             return
         status_text = next((v for k, v in headers if k == ":status"), "")
-        if not (len(status_text) == 3 and status_text.isdigit()):
+        if not (len(status_text) == 3 and ascii_digits(status_text)):
             raise _StreamError(sid, ErrorCode.PROTOCOL_ERROR, "response without :status")
         status = int(status_text)
         if 100 <= status < 200:
@@ -676,7 +647,7 @@ class HboneSession:
                 self.peer_max_concurrent_streams = value
             elif code == SettingCode.ENABLE_PUSH and value > 1:
                 raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, "bad ENABLE_PUSH")
-        self._out.append(pack_frame(FrameType.SETTINGS, Flag.ACK, 0))
+        self._control(pack_frame(FrameType.SETTINGS, Flag.ACK, 0))
         events.append(SettingsReceived(self.peer_max_concurrent_streams))
 
     def _on_window_update(self, payload: bytes, sid: int, events: list[Event]) -> None:
@@ -712,7 +683,7 @@ class HboneSession:
         if flags & Flag.ACK:
             events.append(PingAcknowledged(payload))
         else:
-            self._out.append(pack_frame(FrameType.PING, Flag.ACK, 0, payload))
+            self._control(pack_frame(FrameType.PING, Flag.ACK, 0, payload))
 
     def _on_rst_stream(self, payload: bytes, sid: int, events: list[Event]) -> None:
         if sid == 0:
@@ -721,7 +692,12 @@ class HboneSession:
             raise _ConnectionError(ErrorCode.FRAME_SIZE_ERROR, "RST_STREAM length")
         if self._is_idle(sid):
             raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, f"RST_STREAM on idle {sid}")
-        if self._streams.pop(sid, None) is not None:
+        reason = self.guard.rst_received(self._now)
+        if reason is not None:
+            raise _ConnectionError(ErrorCode.ENHANCE_YOUR_CALM, reason)
+        stream = self._streams.get(sid)
+        if stream is not None:
+            self._forget(stream, reset=True)
             events.append(StreamReset(sid, U32.unpack(payload)[0], remote=True))
 
     def _on_goaway(self, payload: bytes, sid: int, events: list[Event]) -> None:
@@ -764,6 +740,7 @@ class HboneSession:
             last = end_stream and sent + size == total
             flags = Flag.END_STREAM if last else 0
             self._out.append(FRAME_HEADER.pack((size << 8), flags, stream.id))
+            self.guard.data_sent += 1
             self._out.append(view[sent : sent + size])
             stream.send_window -= size
             self._send_window -= size
@@ -799,7 +776,7 @@ class HboneSession:
         if stream.remote_closed or not stream.unacked:
             return
         if force or stream.unacked >= self.settings.stream_window // 4:
-            self._out.append(
+            self._control(
                 pack_frame(FrameType.WINDOW_UPDATE, 0, stream.id, U32.pack(stream.unacked))
             )
             stream.recv_window += stream.unacked
@@ -807,4 +784,27 @@ class HboneSession:
 
     def _maybe_forget(self, stream: _Stream) -> None:
         if stream.local_closed and stream.remote_closed:
-            self._streams.pop(stream.id, None)
+            self._forget(stream, reset=False)
+
+    def _forget(self, stream: _Stream | None, reset: bool) -> None:
+        """A stream closed (None: refused before it opened); `reset` when the peer caused the
+        reset. Exceeding the premature-reset budget ends the connection at the next frame."""
+        if stream is not None:
+            if self._streams.pop(stream.id, None) is None:
+                return
+            lifetime = self._now - stream.opened
+        else:
+            lifetime = 0.0
+        reason = self.guard.stream_closed(lifetime, reset)
+        if reason is not None and not self._flood:
+            self._flood = reason
+
+    def _control(self, frame: bytes) -> None:
+        """Queue a control frame (counted against the outbound control-frame budget)."""
+        self.control_queued += 1
+        self._out.append(frame)
+
+    def take_control_queued(self) -> int:
+        """Control frames queued since the last call."""
+        count, self.control_queued = self.control_queued, 0
+        return count

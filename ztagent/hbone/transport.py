@@ -32,6 +32,14 @@ WRITE_HIGH_WATER = 1 << 20
 WRITE_LOW_WATER = 256 * 1024
 JOIN_LIMIT = 256 * 1024
 READS_PER_CALLBACK = 16
+# While a peer floods cheap frames (its receiver says a batch is spent), each loop turn reads
+# at most this much of its ciphertext: about a thousand small frames, a few milliseconds.
+THROTTLED_READ = 16 * 1024
+# After a close, our last frames (a GOAWAY) must reach the peer: half-close and discard what
+# it still sends for up to this long, instead of a reset that may destroy them unread
+# (Envoy's `delayed_close_timeout`, 1 s).
+DELAYED_CLOSE_TIMEOUT = 1.0
+LINGER_READS = 16
 
 
 class ReceiveBuffer:
@@ -69,6 +77,10 @@ class TlsReceiver:
     def tls_writable(self) -> None:
         """The write buffer fell below the low-water mark after being above the high one."""
 
+    def tls_yield(self) -> bool:
+        """Whether to let the event loop run others before reading more (a batch is spent)."""
+        return False
+
 
 async def _ready(loop: asyncio.AbstractEventLoop, fd: int, write: bool) -> None:
     future: asyncio.Future[None] = loop.create_future()
@@ -88,6 +100,11 @@ async def _ready(loop: asyncio.AbstractEventLoop, fd: int, write: bool) -> None:
             loop.remove_writer(fd)
         else:
             loop.remove_reader(fd)
+
+
+async def wait_readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+    """Until `sock` has bytes (or EOF) to read."""
+    await _ready(loop, sock.fileno(), write=False)
 
 
 async def connect_socket(
@@ -198,6 +215,33 @@ async def open_tls(
     return stream
 
 
+def _linger(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+    """Discard what the peer still sends on a half-closed socket until it closes, or for
+    DELAYED_CLOSE_TIMEOUT; then close."""
+    fd = sock.fileno()
+
+    def finish() -> None:
+        timer.cancel()
+        loop.remove_reader(fd)
+        sock.close()
+
+    def discard() -> None:
+        scratch = _cipher_buffer()
+        for _ in range(LINGER_READS):
+            try:
+                if not sock.recv_into(scratch):
+                    finish()
+                    return
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                finish()
+                return
+
+    timer = loop.call_later(DELAYED_CLOSE_TIMEOUT, finish)
+    loop.add_reader(fd, discard)
+
+
 _cipher_local = threading.local()
 
 
@@ -221,10 +265,13 @@ class TlsTransport:
         "_over_high_water",
         "_pending",
         "_read_paused",
+        "_read_size",
         "_receiver",
         "_sock",
         "_writer_on",
         "fd",
+        "queued_total",
+        "sent_total",
     )
 
     def __init__(
@@ -242,6 +289,11 @@ class TlsTransport:
         self._read_paused = False
         self._closed = False
         self._over_high_water = False
+        self._read_size = RECEIVE_BUFFER_SIZE
+        # Ciphertext bytes queued for the socket and taken by it, since the start: what is
+        # still queued is the difference (the outbound control-frame budget uses it).
+        self.queued_total = 0
+        self.sent_total = 0
         loop.add_reader(self.fd, self._on_readable)
         if self._incoming.pending:
             loop.call_soon(self._on_readable)
@@ -255,7 +307,7 @@ class TlsTransport:
     def _on_readable(self) -> None:
         if self._closed or self._read_paused:
             return
-        cipher = _cipher_buffer()
+        cipher = _cipher_buffer()[: self._read_size]
         for _ in range(READS_PER_CALLBACK):
             try:
                 n = self._sock.recv_into(cipher)
@@ -270,7 +322,15 @@ class TlsTransport:
                 return
             self._incoming.write(cipher[:n])
             self._decrypt(eof=False)
-            if n < len(cipher) or self._closed or self._read_paused:
+            if self._closed:
+                return
+            if self._receiver.tls_yield():
+                # A flood of cheap frames: small reads from now on, and let the others run
+                # (the socket stays readable: the loop calls back after them).
+                self._read_size = THROTTLED_READ
+                return
+            self._read_size = RECEIVE_BUFFER_SIZE
+            if n < len(cipher) or self._read_paused:
                 return
         self._loop.call_soon(self._on_readable)
 
@@ -345,6 +405,7 @@ class TlsTransport:
         out = self._outgoing.read()
         if not out:
             return
+        self.queued_total += len(out)
         if self._pending:
             self._pending += out
             self._check_high_water()
@@ -356,6 +417,7 @@ class TlsTransport:
         except OSError as exc:
             self._abort(exc)
             return
+        self.sent_total += sent
         if sent < len(out):
             self._pending += memoryview(out)[sent:]
             self._start_writer()
@@ -385,6 +447,7 @@ class TlsTransport:
             self._abort(exc)
             return
         del self._pending[:sent]
+        self.sent_total += sent
         if not self._pending:
             self._writer_on = False
             self._loop.remove_writer(self.fd)
@@ -400,13 +463,25 @@ class TlsTransport:
             return
         with contextlib.suppress(ssl.SSLError, OSError):
             self._obj.unwrap()
+        sent_all = False
         with contextlib.suppress(ssl.SSLError, OSError):
             self._pending += self._outgoing.read()
             if self._pending:
-                self._sock.send(self._pending)
-        self._abort(None)
+                sent = self._sock.send(self._pending)
+                del self._pending[:sent]
+            sent_all = not self._pending
+        if not sent_all:
+            self._abort(None)  # the peer does not read: nothing to wait for
+            return
+        try:
+            self._sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._abort(None)
+            return
+        self._abort(None, keep_socket=True)
+        _linger(self._loop, self._sock)
 
-    def _abort(self, exc: BaseException | None) -> None:
+    def _abort(self, exc: BaseException | None, keep_socket: bool = False) -> None:
         if self._closed:
             return
         self._closed = True
@@ -414,7 +489,8 @@ class TlsTransport:
         if self._writer_on:
             self._loop.remove_writer(self.fd)
         self._pending = bytearray()
-        with contextlib.suppress(OSError):
-            self._sock.close()
+        if not keep_socket:
+            with contextlib.suppress(OSError):
+                self._sock.close()
         receiver = self._receiver
         self._loop.call_soon(receiver.tls_closed, exc)

@@ -72,7 +72,8 @@ class NeedMore:
 @dataclass(frozen=True, slots=True)
 class ConnectRequested:
     """The client asked to connect to `host:port`. `host` is an IP address in its usual
-    text form for IPV4/IPV6, else the domain name as sent. `early_data` is what the client
+    text form for IPV4/IPV6 (an IPv4-mapped IPv6 address as the IPv4 address, IPV4), else
+    the domain name as sent. `early_data` is what the client
     sent after the request without waiting for the reply: it belongs to the tunnel."""
 
     host: str
@@ -211,7 +212,12 @@ class Socks5Handshake:
                 return self._fail(encode_reply(Reply.GENERAL_FAILURE), "invalid domain name")
             host = name
         else:
-            host = str(ipaddress.ip_address(raw))
+            addr = ipaddress.ip_address(raw)
+            if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+                # `::ffff:10.0.0.1` is 10.0.0.1: the workload lookups are by IPv4 address.
+                addr = addr.ipv4_mapped
+                atyp = AddressType.IPV4
+            host = str(addr)
         self._state = _State.DONE
         self._buffer.clear()
         return ConnectRequested(host, port, AddressType(atyp), early)

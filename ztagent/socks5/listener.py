@@ -10,7 +10,9 @@ SOCKS5 reply for the CONNECT's status before any tunnel bytes.
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
+import socket
 from collections.abc import Callable
 from typing import cast
 
@@ -26,6 +28,69 @@ Resolve = Callable[[str], str | None]
 Connect = Callable[
     [asyncio.Transport, tuple[str, int], tuple[str, int], list[bytes], ReplyFn], None
 ]
+
+# A client must finish its greeting and request within this (Envoy's and ztunnel's connect
+# timeouts are 10 s; a half-open SOCKS5 handshake is held no longer).
+SOCKS5_HANDSHAKE_TIMEOUT = 10.0
+# SOCKS5 handshakes under way at once, at most: past it the oldest is closed to admit the
+# new one (as the HBONE listener's pending TLS handshakes, `MAX_PENDING_HANDSHAKES`).
+MAX_PENDING_SOCKS5_HANDSHAKES = 1024
+
+
+class HandshakeSlots:
+    """The handshakes under way on one or more listeners, oldest first, up to `cap`."""
+
+    def __init__(self, cap: int = MAX_PENDING_SOCKS5_HANDSHAKES) -> None:
+        self.cap = cap
+        self._pending: dict[Socks5Listener, None] = {}
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def admit(self, listener: Socks5Listener) -> None:
+        while len(self._pending) >= self.cap:
+            oldest = next(iter(self._pending))
+            self.release(oldest)
+            oldest.give_up()
+        self._pending[listener] = None
+
+    def release(self, listener: Socks5Listener) -> None:
+        self._pending.pop(listener, None)
+
+
+# Shared by every listener that is not given its own.
+DEFAULT_SLOTS = HandshakeSlots()
+
+# The agent's own ports (REFERENCE: ports of the node agent; 15090 is Envoy's and Istio's
+# Prometheus port): never a SOCKS5 destination on one of this host's addresses, or a local
+# workload could drive the agent itself (`/quitquitquit` on the admin port 15000).
+AGENT_PORTS = frozenset({15000, 15001, 15006, 15008, 15020, 15021, 15053, 15080, 15090})
+
+
+def is_own_address(ip: str) -> bool:
+    """Whether `ip` reaches this host: loopback, unspecified, or an address of one of its
+    interfaces (binding to it succeeds; EADDRNOTAVAIL says it is someone else's)."""
+    addr = ipaddress.ip_address(ip)
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    if addr.is_loopback or addr.is_unspecified:
+        return True
+    family = socket.AF_INET6 if addr.version == 6 else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((str(addr), 0))
+    except OSError as exc:
+        return exc.errno != errno.EADDRNOTAVAIL
+    return True
+
+
+def refused_destination(destination: tuple[str, int]) -> str | None:
+    """Why a SOCKS5 destination is refused here, or None."""
+    host, port = destination
+    if port in AGENT_PORTS and is_own_address(host):
+        return f"port {port} belongs to the agent"
+    return None
+
 
 # What SOCKS5 says for each way an HBONE CONNECT can be refused.
 _FOR_STATUS = {401: Reply.NOT_ALLOWED, 400: Reply.NOT_ALLOWED, 503: Reply.CONNECTION_REFUSED}
@@ -51,9 +116,19 @@ def tunnel_response(reply: ReplyFn) -> ResponseHook:
 class Socks5Listener(asyncio.Protocol):
     """One SOCKS5 client: the handshake; then the connection is `connect`'s."""
 
-    def __init__(self, resolve: Resolve, connect: Connect) -> None:
+    def __init__(
+        self,
+        resolve: Resolve,
+        connect: Connect,
+        *,
+        handshake_timeout: float = SOCKS5_HANDSHAKE_TIMEOUT,
+        slots: HandshakeSlots = DEFAULT_SLOTS,
+    ) -> None:
         self.resolve = resolve
         self.connect = connect
+        self.handshake_timeout = handshake_timeout
+        self.slots = slots
+        self._timer: asyncio.TimerHandle | None = None
         self.transport: asyncio.Transport | None = None
         # After the request: bytes the client sent (the transport may deliver a read even
         # after `pause_reading()`) until the connection is taken over.
@@ -62,9 +137,24 @@ class Socks5Listener(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
+        self._timer = asyncio.get_running_loop().call_later(self.handshake_timeout, self.give_up)
+        self.slots.admit(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
+        self._handshake_over()
+
+    def _handshake_over(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.slots.release(self)
+
+    def give_up(self) -> None:
+        """The handshake took too long, or made room for a newer one: close the connection."""
+        self._handshake_over()
+        if self.transport is not None and not self.handshake.done:
+            self.transport.abort()
 
     def data_received(self, data: bytes) -> None:
         transport = self.transport
@@ -80,6 +170,7 @@ class Socks5Listener(asyncio.Protocol):
             transport.write(out)
         if isinstance(event, NeedMore):
             return
+        self._handshake_over()
         if isinstance(event, Failed):
             if event.reply:
                 transport.write(event.reply)
@@ -101,4 +192,8 @@ class Socks5Listener(asyncio.Protocol):
             host = address
         peer = transport.get_extra_info("peername")
         destination = (host, event.port)
+        if refused_destination(destination) is not None:
+            transport.write(self.handshake.reply(Reply.NOT_ALLOWED))
+            transport.close()
+            return
         self.connect(transport, (peer[0], peer[1]), destination, self.held, self.handshake.reply)
