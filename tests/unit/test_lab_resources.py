@@ -14,7 +14,7 @@ import yaml
 
 from ztagent.control.sources import parse_documents
 from ztagent.control.translate import translate_resources
-from ztagent.istio.authorization.l7 import read_authorization_policies
+from ztagent.istio.authorization.waypoint import read_authorization_policies
 from ztagent.istio.destination import parse_destination_rules
 from ztagent.istio.envelope import Resource
 from ztagent.istio.jwt import load_jwks, read_request_authentications

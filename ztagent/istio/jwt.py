@@ -49,15 +49,11 @@ from typing import Any
 import jwt as pyjwt
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from ztagent.istio.authorization.l7 import (
-    API_VERSIONS,
-    DEFAULT_ROOT_NAMESPACE,
-    RequestAuth,
-    TargetRef,
-    read_target_refs,
-    resource_error,
-)
+from ztagent.istio.authorization.l7 import RequestAuth
+from ztagent.istio.authorization.policy import API_VERSIONS, TargetRef, read_target_refs
+from ztagent.istio.authorization.waypoint import resource_error
 from ztagent.istio.envelope import Resource, ResourceError
+from ztagent.istio.names import DEFAULT_ROOT_NAMESPACE
 from ztagent.model.fields import Invalid, show, type_name
 from ztagent.model.fields import at as _at
 from ztagent.model.fields import mapping as _map

@@ -24,14 +24,14 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ztagent.istio.authorization.l7 import (
-    DEFAULT_ROOT_NAMESPACE,
-    AuthzConfig,
+from ztagent.istio.authorization.waypoint import (
+    AuthorizationConfig,
     read_authorization_policies,
 )
 from ztagent.istio.destination import DestinationRules, parse_destination_rules
 from ztagent.istio.envelope import Resource, ResourceError, envelope
 from ztagent.istio.jwt import JwtConfig, read_request_authentications
+from ztagent.istio.names import DEFAULT_ROOT_NAMESPACE
 from ztagent.istio.routes import RouteConfig, RouteOptions, parse_routes
 from ztagent.model.fields import join, show
 from ztagent.model.workload import Workload
@@ -115,7 +115,7 @@ class WaypointConfig:
 
     routes: RouteConfig = field(default_factory=RouteConfig)
     destination_rules: DestinationRules = field(default_factory=DestinationRules)
-    authorization: AuthzConfig = field(default_factory=AuthzConfig)
+    authorization: AuthorizationConfig = field(default_factory=AuthorizationConfig)
     authentication: JwtConfig = field(default_factory=JwtConfig)
     services: Mapping[str, ServicePorts] = field(default_factory=dict)
     """By hostname, `name.namespace.svc.<domain suffix>`."""

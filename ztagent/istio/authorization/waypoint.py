@@ -1,0 +1,118 @@
+"""The AuthorizationPolicies a waypoint enforces: those attached by `targetRefs`, read with the
+one reader (`ztagent.istio.authorization.policy`) and checked for what the waypoint's L7
+evaluation (`ztagent.istio.authorization.l7`) supports. Pure, no I/O.
+
+A policy with a `selector`, or with neither `selector` nor `targetRefs`, is the node agent's
+(or a sidecar's) and is skipped with a note. Beyond Istio's own validation the waypoint refuses
+what it cannot evaluate: `trustDomains`/`notTrustDomains` sources (an unknown field here) and
+the `when` keys without a request value (`source.trustDomain`, experimental and
+`destination.labels` keys, malformed bracketed keys).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from ztagent.istio.authorization.policy import (
+    API_GROUP,
+    API_VERSIONS,
+    KIND,
+    Action,
+    AuthorizationPolicy,
+    read_authorization_policy,
+)
+from ztagent.istio.envelope import Resource, ResourceError
+from ztagent.istio.names import DEFAULT_ROOT_NAMESPACE
+from ztagent.model.fields import Invalid, at, show
+
+
+def _check_supported(policy: AuthorizationPolicy) -> None:
+    """Raise `Invalid` for the first attribute of `policy` the waypoint cannot evaluate."""
+    for r, rule in enumerate(policy.rules):
+        path = at("spec.rules", r)
+        for s, source in enumerate(rule.sources or ()):
+            for name, values in (
+                ("trustDomains", source.trust_domains),
+                ("notTrustDomains", source.not_trust_domains),
+            ):
+                if values:
+                    source_path = at(at(at(path, "from"), s), "source")
+                    raise Invalid(at(source_path, name), "unknown field")
+        for c, condition in enumerate(rule.conditions):
+            key_path = at(at(at(path, "when"), c), "key")
+            if condition.attribute is None:
+                raise Invalid(key_path, condition.unsupported)
+
+
+def parse_authorization_policy(
+    resource: Resource, *, root_namespace: str = DEFAULT_ROOT_NAMESPACE
+) -> AuthorizationPolicy | None:
+    """Read one AuthorizationPolicy; None when it is not attached by `targetRefs`.
+
+    Raises `Invalid` naming the field path for anything Istio would reject, or the waypoint
+    cannot evaluate.
+    """
+    if resource.group != API_GROUP or resource.kind != KIND:
+        raise Invalid("kind", f"{resource.api_version} {resource.kind} is not an {KIND}")
+    version = resource.api_version.rpartition("/")[2]
+    if version not in API_VERSIONS:
+        supported = ", ".join(f"{API_GROUP}/{v}" for v in API_VERSIONS)
+        raise Invalid("apiVersion", f"{show(resource.api_version)} is not supported ({supported})")
+    policy = read_authorization_policy(resource, root_namespace=root_namespace)
+    _check_supported(policy)
+    return policy if policy.targets else None
+
+
+@dataclass(frozen=True, slots=True)
+class AuthorizationConfig:
+    """The waypoint's policies, the errors of those left out, and notes on skipped ones."""
+
+    policies: tuple[AuthorizationPolicy, ...] = ()
+    errors: tuple[ResourceError, ...] = ()
+    notes: tuple[ResourceError, ...] = ()
+
+
+def resource_error(resource: Resource, path: str, reason: str) -> ResourceError:
+    """A `ResourceError` about `resource` keyed `namespace/name`."""
+    key = f"{resource.namespace or 'default'}/{resource.name}"
+    return ResourceError(resource.kind, resource.index, key, path, reason, resource.file)
+
+
+def read_authorization_policies(
+    resources: Iterable[Resource], *, root_namespace: str = DEFAULT_ROOT_NAMESPACE
+) -> AuthorizationConfig:
+    """Every AuthorizationPolicy among `resources` that belongs to waypoints.
+
+    Other kinds are ignored. A bad policy becomes a `ResourceError` and the rest are read;
+    policies for the node agent or sidecars (selector, or no target) become notes, and so do
+    CUSTOM policies (enforced here as DENY, since no external authorizer is configured).
+    """
+    policies: list[AuthorizationPolicy] = []
+    errors: list[ResourceError] = []
+    notes: list[ResourceError] = []
+    for resource in resources:
+        if resource.group != API_GROUP or resource.kind != KIND:
+            continue
+        try:
+            policy = parse_authorization_policy(resource, root_namespace=root_namespace)
+        except Invalid as exc:
+            errors.append(resource_error(resource, exc.path, exc.reason))
+            continue
+        except RecursionError:
+            errors.append(resource_error(resource, "", "nested too deeply"))
+            continue
+        if policy is None:
+            notes.append(resource_error(resource, "spec", "no targetRefs: not a waypoint policy"))
+            continue
+        if policy.action is Action.CUSTOM:
+            notes.append(
+                resource_error(
+                    resource,
+                    "spec.action",
+                    "CUSTOM needs an external authorizer the waypoint does not have: "
+                    "requests matching its rules are denied",
+                )
+            )
+        policies.append(policy)
+    return AuthorizationConfig(tuple(policies), tuple(errors), tuple(notes))
