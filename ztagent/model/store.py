@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ztagent.identity.spiffe import Identity
+from ztagent.istio.names import DEFAULT_ROOT_NAMESPACE
 from ztagent.model.policy import Authorization, Scope
 from ztagent.model.snapshot import ConfigSnapshot
 from ztagent.model.workload import (
@@ -22,8 +23,6 @@ from ztagent.model.workload import (
     Service,
     Workload,
 )
-
-DEFAULT_ROOT_NAMESPACE = "istio-system"
 
 
 @dataclass(frozen=True, slots=True)
