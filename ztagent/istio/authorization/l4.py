@@ -33,9 +33,9 @@ catches exactly the identity-less connections.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from ztagent.identity.spiffe import Identity
 from ztagent.istio.authorization import policy as model
@@ -231,6 +231,9 @@ _CONDITION_FIELDS: dict[model.Attribute, str] = {
 """The `when` keys a connection carries, and the `Match` field each becomes."""
 _WHEN_OTHER_EXACT = ("source.trustDomain",)
 _WHEN_OTHER_PREFIX = ("request.headers[", "request.auth.claims[")
+"""Keys Istio knows that the model keeps without an attribute (see `_istio_key`)."""
+
+_E = TypeVar("_E", model.Source, model.Operation)
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,8 +254,21 @@ def not_enforced(policy: model.AuthorizationPolicy) -> tuple[str, str] | None:
     return None
 
 
-def _unseen(entry: object, spelled: dict[str, str], names: Iterable[str]) -> list[str]:
-    return [name for name in names if getattr(entry, spelled[name])]
+def _source_match(source: model.Source) -> Match:
+    return Match(
+        principals=source.principals,
+        not_principals=source.not_principals,
+        namespaces=source.namespaces,
+        not_namespaces=source.not_namespaces,
+        source_ips=source.ip_blocks,
+        not_source_ips=source.not_ip_blocks,
+        service_accounts=source.service_accounts,
+        not_service_accounts=source.not_service_accounts,
+    )
+
+
+def _operation_match(operation: model.Operation) -> Match:
+    return Match(destination_ports=operation.ports, not_destination_ports=operation.not_ports)
 
 
 def _istio_key(key: str) -> bool:
@@ -271,42 +287,32 @@ def _lower_rule(rule: model.PolicyRule, path: str, action: Action) -> tuple[Rule
     clauses: list[Clause] = []
     unseen: list[str] = []
 
-    def entries(matches: list[Match]) -> None:
-        # A source or operation with only unseen fields matches everything at L4.
+    def entries(
+        items: tuple[_E, ...],
+        where: str,
+        spelled: Mapping[str, str],
+        names: tuple[str, ...],
+        to_match: Callable[[_E], Match],
+    ) -> None:
+        """`from` or `to`: one clause ORing its entries; an entry with only unseen fields
+        matches everything at L4, and so then does the clause (it is left out)."""
+        matches = []
+        for item in items:
+            unseen.extend(where + name for name in names if getattr(item, spelled[name]))
+            matches.append(to_match(item))
         if all(not match.is_empty for match in matches):
             clauses.append(Clause(tuple(matches)))
 
     if rule.sources is not None:
-        matches = []
-        for source in rule.sources:
-            unseen.extend(
-                "from.source." + name
-                for name in _unseen(source, model.SOURCE_FIELDS, _SOURCE_UNSEEN)
-            )
-            matches.append(
-                Match(
-                    principals=source.principals,
-                    not_principals=source.not_principals,
-                    namespaces=source.namespaces,
-                    not_namespaces=source.not_namespaces,
-                    source_ips=source.ip_blocks,
-                    not_source_ips=source.not_ip_blocks,
-                    service_accounts=source.service_accounts,
-                    not_service_accounts=source.not_service_accounts,
-                )
-            )
-        entries(matches)
+        entries(rule.sources, "from.source.", model.SOURCE_FIELDS, _SOURCE_UNSEEN, _source_match)
     if rule.operations is not None:
-        matches = []
-        for operation in rule.operations:
-            unseen.extend(
-                "to.operation." + name
-                for name in _unseen(operation, model.OPERATION_FIELDS, _OPERATION_UNSEEN)
-            )
-            matches.append(
-                Match(destination_ports=operation.ports, not_destination_ports=operation.not_ports)
-            )
-        entries(matches)
+        entries(
+            rule.operations,
+            "to.operation.",
+            model.OPERATION_FIELDS,
+            _OPERATION_UNSEEN,
+            _operation_match,
+        )
     for c, condition in enumerate(rule.conditions):
         name = _CONDITION_FIELDS.get(condition.attribute) if condition.attribute else None
         if name is None:
