@@ -235,11 +235,9 @@ class Condition:
     """One `when` entry. `name` is the header name (lower-case) or the claim path for the
     bracketed keys; the values are already parsed for the attribute's type.
 
-    `attribute` is None for a key a request carries no value for at the waypoint (trust
-    domains, experimental and `destination.labels` keys, malformed bracketed keys), with the
-    reason in `unsupported`; the values of such a key are kept as string matches. Each
-    enforcement point decides what it does with them (the waypoint refuses the policy, the
-    node agent sees no HTTP attribute at all and treats Istio's known keys as unseen).
+    `attribute` is None for a key the waypoint has no request value for (trust domains,
+    experimental and `destination.labels` keys, malformed bracketed keys; see
+    `AuthorizationPolicy.unsupported`); the values of such a key are kept as string matches.
     """
 
     key: str
@@ -247,7 +245,6 @@ class Condition:
     values: tuple[Any, ...] = ()
     not_values: tuple[Any, ...] = ()
     name: tuple[str, ...] = ()
-    unsupported: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,7 +273,13 @@ class TargetRef:
 @dataclass(frozen=True, slots=True)
 class AuthorizationPolicy:
     """One AuthorizationPolicy. `selector` is `selector.matchLabels` (None: no selector);
-    `targets` its `targetRefs` (empty: none), which make it a waypoint's policy."""
+    `targets` its `targetRefs` (empty: none), which make it a waypoint's policy.
+
+    `unsupported` lists `(field path, reason)` for each part only an HTTP-level evaluator
+    has to refuse: `trustDomains` sources, `when` keys without an `Attribute`, paths that are
+    not valid templates (kept as exact strings). The waypoint refuses a policy with any; the
+    node agent sees no HTTP attribute at all and lowers the policy all the same.
+    """
 
     name: str
     namespace: str
@@ -285,6 +288,7 @@ class AuthorizationPolicy:
     targets: tuple[TargetRef, ...] = ()
     rules: tuple[PolicyRule, ...] = ()
     dry_run: bool = False
+    unsupported: tuple[tuple[str, str], ...] = ()
 
     @property
     def key(self) -> str:
@@ -294,103 +298,7 @@ class AuthorizationPolicy:
 # --- reading -----------------------------------------------------------------------------------
 
 
-def _service_account(text: str, path: str, namespace: str) -> ServiceAccountMatch:
-    ns, slash, account = text.partition("/")
-    if not slash:
-        ns, account = namespace, text
-    if not ns or not account or "/" in account or "*" in text:
-        raise Invalid(path, f'{show(text)} is not "namespace/serviceaccount" or "serviceaccount"')
-    return ServiceAccountMatch(ns, account)
-
-
-def _path_match(text: str, path: str) -> PathMatch:
-    if MATCH_ONE in text or MATCH_ANY in text:
-        try:
-            return PathTemplate.parse(text)
-        except ValueError as exc:
-            raise Invalid(path, f"{show(text)} is not a valid path template: {exc}") from None
-    if "{" in text or "}" in text:
-        raise Invalid(path, f"{show(text)} has {{ or }} beyond the templates {{*}} and {{**}}")
-    return StringMatch.from_istio(text)
-
-
-def _source(value: object, path: str, namespace: str) -> Source:
-    data = _map(value, path)
-    _only(data, path, SOURCE_FIELDS)
-    values = {key: _strings(data.get(key), _at(path, key)) for key in SOURCE_FIELDS}
-    if not any(values.values()):
-        raise Invalid(path, "must not be empty")
-    if (values["serviceAccounts"] or values["notServiceAccounts"]) and (
-        values["principals"]
-        or values["notPrincipals"]
-        or values["namespaces"]
-        or values["notNamespaces"]
-    ):
-        raise Invalid(path, "serviceAccounts cannot be combined with principals or namespaces")
-
-    def strings(key: str) -> tuple[StringMatch, ...]:
-        return tuple(StringMatch.from_istio(t) for t in values[key])
-
-    def cidrs(key: str) -> tuple[CidrMatch, ...]:
-        return tuple(cidr_match(t, _at(_at(path, key), i)) for i, t in enumerate(values[key]))
-
-    def accounts(key: str) -> tuple[ServiceAccountMatch, ...]:
-        return tuple(
-            _service_account(t, _at(_at(path, key), i), namespace)
-            for i, t in enumerate(values[key])
-        )
-
-    def request_principals(key: str) -> tuple[RequestPrincipalMatch, ...]:
-        return tuple(RequestPrincipalMatch.parse(t) for t in values[key])
-
-    return Source(
-        principals=strings("principals"),
-        not_principals=strings("notPrincipals"),
-        request_principals=request_principals("requestPrincipals"),
-        not_request_principals=request_principals("notRequestPrincipals"),
-        namespaces=strings("namespaces"),
-        not_namespaces=strings("notNamespaces"),
-        service_accounts=accounts("serviceAccounts"),
-        not_service_accounts=accounts("notServiceAccounts"),
-        ip_blocks=cidrs("ipBlocks"),
-        not_ip_blocks=cidrs("notIpBlocks"),
-        remote_ip_blocks=cidrs("remoteIpBlocks"),
-        not_remote_ip_blocks=cidrs("notRemoteIpBlocks"),
-        trust_domains=strings("trustDomains"),
-        not_trust_domains=strings("notTrustDomains"),
-    )
-
-
-def _operation(value: object, path: str) -> Operation:
-    data = _map(value, path)
-    _only(data, path, OPERATION_FIELDS)
-
-    def ports(key: str) -> tuple[int, ...]:
-        items = _list(data.get(key), _at(path, key))
-        return tuple(port(p, _at(_at(path, key), i), low=0) for i, p in enumerate(items))
-
-    def paths(key: str) -> tuple[PathMatch, ...]:
-        items = _strings(data.get(key), _at(path, key))
-        return tuple(_path_match(t, _at(_at(path, key), i)) for i, t in enumerate(items))
-
-    def strings(key: str) -> list[str]:
-        return _strings(data.get(key), _at(path, key))
-
-    operation = Operation(
-        hosts=tuple(StringMatch.from_istio(t.lower()) for t in strings("hosts")),
-        not_hosts=tuple(StringMatch.from_istio(t.lower()) for t in strings("notHosts")),
-        ports=ports("ports"),
-        not_ports=ports("notPorts"),
-        methods=tuple(StringMatch.from_istio(t) for t in strings("methods")),
-        not_methods=tuple(StringMatch.from_istio(t) for t in strings("notMethods")),
-        paths=paths("paths"),
-        not_paths=paths("notPaths"),
-    )
-    if not any(getattr(operation, f.name) for f in fields(operation)):
-        raise Invalid(path, "must not be empty")
-    return operation
-
-
+_TRUST_DOMAIN_FIELDS = ("trustDomains", "notTrustDomains")
 _BRACKETS = re.compile(r"(?:\[[^\[\]]+\])+")
 _REJECTED_KEYS = {
     "destination.namespace": "is replaced by the policy's namespace",
@@ -433,72 +341,182 @@ def _attribute(key: str, path: str) -> tuple[Attribute | None, tuple[str, ...], 
     return attribute, (), ""
 
 
-def _condition_values(
-    attribute: Attribute | None, values: list[str], path: str, namespace: str
-) -> tuple[Any, ...]:
-    if attribute in (Attribute.SOURCE_IP, Attribute.REMOTE_IP, Attribute.DESTINATION_IP):
-        return tuple(cidr_match(v, _at(path, i)) for i, v in enumerate(values))
-    if attribute is Attribute.DESTINATION_PORT:
-        return tuple(port(v, _at(path, i), low=0) for i, v in enumerate(values))
-    if attribute is Attribute.SOURCE_SERVICE_ACCOUNT:
-        return tuple(_service_account(v, _at(path, i), namespace) for i, v in enumerate(values))
-    if attribute is Attribute.REQUEST_PRINCIPAL:
-        return tuple(RequestPrincipalMatch.parse(v) for v in values)
-    return tuple(StringMatch.from_istio(v) for v in values)
+def _service_account(text: str, path: str, namespace: str) -> ServiceAccountMatch:
+    ns, slash, account = text.partition("/")
+    if not slash:
+        ns, account = namespace, text
+    if not ns or not account or "/" in account or "*" in text:
+        raise Invalid(path, f'{show(text)} is not "namespace/serviceaccount" or "serviceaccount"')
+    return ServiceAccountMatch(ns, account)
 
 
-def _condition(value: object, path: str, namespace: str) -> Condition:
-    data = _map(value, path)
-    _only(data, path, ("key", "values", "notValues"))
-    key = _str(data.get("key"), _at(path, "key"))
-    if not key:
-        raise Invalid(_at(path, "key"), "is required")
-    attribute, name, unsupported = _attribute(key, _at(path, "key"))
-    values = _strings(data.get("values"), _at(path, "values"))
-    not_values = _strings(data.get("notValues"), _at(path, "notValues"))
-    if not values and not not_values:
-        raise Invalid(path, f"at least one of values and notValues must be set for {key}")
-    return Condition(
-        key,
-        attribute,
-        _condition_values(attribute, values, _at(path, "values"), namespace),
-        _condition_values(attribute, not_values, _at(path, "notValues"), namespace),
-        name,
-        unsupported,
-    )
+@dataclass(slots=True)
+class _RuleReader:
+    """Reads `spec.rules` of a policy in `namespace`: raises `Invalid` for what Istio rejects,
+    and collects in `unsupported` what only the waypoint refuses."""
 
+    namespace: str
+    unsupported: list[tuple[str, str]] = field(default_factory=list)
 
-def _rule(value: object, path: str, namespace: str) -> PolicyRule:
-    if value is None:
-        raise Invalid(path, "must not be null (use {} to match everything)")
-    data = _map(value, path)
-    _only(data, path, ("from", "to", "when"))
+    def path_match(self, text: str, path: str) -> PathMatch:
+        if MATCH_ONE in text or MATCH_ANY in text:
+            try:
+                return PathTemplate.parse(text)
+            except ValueError as exc:
+                reason = f"{show(text)} is not a valid path template: {exc}"
+                self.unsupported.append((path, reason))
+                return StringMatch.exact(text)
+        if "{" in text or "}" in text:
+            reason = f"{show(text)} has {{ or }} beyond the templates {{*}} and {{**}}"
+            self.unsupported.append((path, reason))
+            return StringMatch.exact(text)
+        return StringMatch.from_istio(text)
 
-    def entries(key: str, inner: str) -> list[tuple[object, str]]:
-        items = _list(data[key], _at(path, key))
-        if not items:
-            raise Invalid(_at(path, key), "must not be empty when given")
-        out = []
-        for i, item in enumerate(items):
-            ipath = _at(_at(path, key), i)
-            entry = _map(item, ipath)
-            _only(entry, ipath, (inner,))
-            if entry.get(inner) is None:
-                raise Invalid(_at(ipath, inner), "is required")
-            out.append((entry[inner], _at(ipath, inner)))
-        return out
+    def source(self, value: object, path: str) -> Source:
+        data = _map(value, path)
+        _only(data, path, SOURCE_FIELDS)
+        values = {key: _strings(data.get(key), _at(path, key)) for key in SOURCE_FIELDS}
+        if not any(values.values()):
+            raise Invalid(path, "must not be empty")
+        if (values["serviceAccounts"] or values["notServiceAccounts"]) and (
+            values["principals"]
+            or values["notPrincipals"]
+            or values["namespaces"]
+            or values["notNamespaces"]
+        ):
+            raise Invalid(path, "serviceAccounts cannot be combined with principals or namespaces")
+        self.unsupported.extend(
+            (_at(path, key), "unknown field") for key in data if key in _TRUST_DOMAIN_FIELDS
+        )
 
-    sources = None
-    if "from" in data:
-        sources = tuple(_source(v, p, namespace) for v, p in entries("from", "source"))
-    operations = None
-    if "to" in data:
-        operations = tuple(_operation(v, p) for v, p in entries("to", "operation"))
-    conditions = tuple(
-        _condition(item, _at(_at(path, "when"), i), namespace)
-        for i, item in enumerate(_list(data.get("when"), _at(path, "when")))
-    )
-    return PolicyRule(sources, operations, conditions)
+        def strings(key: str) -> tuple[StringMatch, ...]:
+            return tuple(StringMatch.from_istio(t) for t in values[key])
+
+        def cidrs(key: str) -> tuple[CidrMatch, ...]:
+            return tuple(cidr_match(t, _at(_at(path, key), i)) for i, t in enumerate(values[key]))
+
+        def accounts(key: str) -> tuple[ServiceAccountMatch, ...]:
+            return tuple(
+                _service_account(t, _at(_at(path, key), i), self.namespace)
+                for i, t in enumerate(values[key])
+            )
+
+        def request_principals(key: str) -> tuple[RequestPrincipalMatch, ...]:
+            return tuple(RequestPrincipalMatch.parse(t) for t in values[key])
+
+        return Source(
+            principals=strings("principals"),
+            not_principals=strings("notPrincipals"),
+            request_principals=request_principals("requestPrincipals"),
+            not_request_principals=request_principals("notRequestPrincipals"),
+            namespaces=strings("namespaces"),
+            not_namespaces=strings("notNamespaces"),
+            service_accounts=accounts("serviceAccounts"),
+            not_service_accounts=accounts("notServiceAccounts"),
+            ip_blocks=cidrs("ipBlocks"),
+            not_ip_blocks=cidrs("notIpBlocks"),
+            remote_ip_blocks=cidrs("remoteIpBlocks"),
+            not_remote_ip_blocks=cidrs("notRemoteIpBlocks"),
+            trust_domains=strings("trustDomains"),
+            not_trust_domains=strings("notTrustDomains"),
+        )
+
+    def operation(self, value: object, path: str) -> Operation:
+        data = _map(value, path)
+        _only(data, path, OPERATION_FIELDS)
+
+        def ports(key: str) -> tuple[int, ...]:
+            items = _list(data.get(key), _at(path, key))
+            return tuple(port(p, _at(_at(path, key), i), low=0) for i, p in enumerate(items))
+
+        def paths(key: str) -> tuple[PathMatch, ...]:
+            items = _strings(data.get(key), _at(path, key))
+            return tuple(self.path_match(t, _at(_at(path, key), i)) for i, t in enumerate(items))
+
+        def strings(key: str) -> list[str]:
+            return _strings(data.get(key), _at(path, key))
+
+        operation = Operation(
+            hosts=tuple(StringMatch.from_istio(t.lower()) for t in strings("hosts")),
+            not_hosts=tuple(StringMatch.from_istio(t.lower()) for t in strings("notHosts")),
+            ports=ports("ports"),
+            not_ports=ports("notPorts"),
+            methods=tuple(StringMatch.from_istio(t) for t in strings("methods")),
+            not_methods=tuple(StringMatch.from_istio(t) for t in strings("notMethods")),
+            paths=paths("paths"),
+            not_paths=paths("notPaths"),
+        )
+        if not any(getattr(operation, f.name) for f in fields(operation)):
+            raise Invalid(path, "must not be empty")
+        return operation
+
+    def condition_values(
+        self, attribute: Attribute | None, values: list[str], path: str
+    ) -> tuple[Any, ...]:
+        if attribute in (Attribute.SOURCE_IP, Attribute.REMOTE_IP, Attribute.DESTINATION_IP):
+            return tuple(cidr_match(v, _at(path, i)) for i, v in enumerate(values))
+        if attribute is Attribute.DESTINATION_PORT:
+            return tuple(port(v, _at(path, i), low=0) for i, v in enumerate(values))
+        if attribute is Attribute.SOURCE_SERVICE_ACCOUNT:
+            return tuple(
+                _service_account(v, _at(path, i), self.namespace) for i, v in enumerate(values)
+            )
+        if attribute is Attribute.REQUEST_PRINCIPAL:
+            return tuple(RequestPrincipalMatch.parse(v) for v in values)
+        return tuple(StringMatch.from_istio(v) for v in values)
+
+    def condition(self, value: object, path: str) -> Condition:
+        data = _map(value, path)
+        _only(data, path, ("key", "values", "notValues"))
+        key = _str(data.get("key"), _at(path, "key"))
+        if not key:
+            raise Invalid(_at(path, "key"), "is required")
+        attribute, name, unsupported = _attribute(key, _at(path, "key"))
+        if unsupported:
+            self.unsupported.append((_at(path, "key"), unsupported))
+        values = _strings(data.get("values"), _at(path, "values"))
+        not_values = _strings(data.get("notValues"), _at(path, "notValues"))
+        if not values and not not_values:
+            raise Invalid(path, f"at least one of values and notValues must be set for {key}")
+        return Condition(
+            key,
+            attribute,
+            self.condition_values(attribute, values, _at(path, "values")),
+            self.condition_values(attribute, not_values, _at(path, "notValues")),
+            name,
+        )
+
+    def rule(self, value: object, path: str) -> PolicyRule:
+        if value is None:
+            raise Invalid(path, "must not be null (use {} to match everything)")
+        data = _map(value, path)
+        _only(data, path, ("from", "to", "when"))
+
+        def entries(key: str, inner: str) -> list[tuple[object, str]]:
+            items = _list(data[key], _at(path, key))
+            if not items:
+                raise Invalid(_at(path, key), "must not be empty when given")
+            out = []
+            for i, item in enumerate(items):
+                ipath = _at(_at(path, key), i)
+                entry = _map(item, ipath)
+                _only(entry, ipath, (inner,))
+                if entry.get(inner) is None:
+                    raise Invalid(_at(ipath, inner), "is required")
+                out.append((entry[inner], _at(ipath, inner)))
+            return out
+
+        sources = None
+        if "from" in data:
+            sources = tuple(self.source(v, p) for v, p in entries("from", "source"))
+        operations = None
+        if "to" in data:
+            operations = tuple(self.operation(v, p) for v, p in entries("to", "operation"))
+        conditions = tuple(
+            self.condition(item, _at(_at(path, "when"), i))
+            for i, item in enumerate(_list(data.get("when"), _at(path, "when")))
+        )
+        return PolicyRule(sources, operations, conditions)
 
 
 def _target(value: object, path: str, namespace: str, root_namespace: str) -> TargetRef:
@@ -599,22 +617,20 @@ def read_authorization_policy(
             _at("metadata.annotations", ANNOTATION_DRY_RUN),
             f"{show(dry_run_text)} is not true or false",
         )
+    reader = _RuleReader(namespace)
+    read: tuple[PolicyRule, ...] = ()
+    if rules:
+        read = tuple(
+            reader.rule(item, _at("spec.rules", i))
+            for i, item in enumerate(_list(spec.get("rules"), "spec.rules"))
+        )
     return AuthorizationPolicy(
         name=resource.name,
         namespace=namespace,
         action=action,
         selector=selector,
         targets=targets,
-        rules=read_rules(resource) if rules else (),
+        rules=read,
         dry_run=dry_run_text.lower() == "true",
-    )
-
-
-def read_rules(resource: Resource) -> tuple[PolicyRule, ...]:
-    """`spec.rules` of an AuthorizationPolicy; raises `Invalid` naming the field path."""
-    namespace = resource.namespace or "default"
-    spec = _map(resource.body.get("spec"), "spec")
-    return tuple(
-        _rule(item, _at("spec.rules", i), namespace)
-        for i, item in enumerate(_list(spec.get("rules"), "spec.rules"))
+        unsupported=tuple(reader.unsupported),
     )

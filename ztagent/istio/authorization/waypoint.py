@@ -6,9 +6,10 @@ RequestAuthentication by `ztagent.istio.jwt`). Pure, no I/O.
 
 A policy with a `selector`, or with neither `selector` nor `targetRefs`, is the node agent's
 (or a sidecar's) and is skipped with a note. Beyond Istio's own validation the waypoint refuses
-what it cannot evaluate: `trustDomains`/`notTrustDomains` sources (an unknown field here) and
-the `when` keys without a request value (`source.trustDomain`, experimental and
-`destination.labels` keys, malformed bracketed keys).
+what it cannot evaluate (`AuthorizationPolicy.unsupported`): `trustDomains`/`notTrustDomains`
+sources (an unknown field here), `when` keys without a request value (`source.trustDomain`,
+experimental and `destination.labels` keys, malformed bracketed keys) and invalid path
+templates.
 """
 
 from __future__ import annotations
@@ -27,26 +28,7 @@ from ztagent.istio.authorization.policy import (
 )
 from ztagent.istio.envelope import Resource, ResourceError
 from ztagent.istio.names import DEFAULT_ROOT_NAMESPACE
-from ztagent.model.fields import Invalid, at, show
-
-
-def _check_supported(policy: AuthorizationPolicy) -> None:
-    """Raise `Invalid` for the first attribute of `policy` the waypoint cannot evaluate."""
-    for r, rule in enumerate(policy.rules):
-        path = at("spec.rules", r)
-        for s, source in enumerate(rule.sources or ()):
-            for name, values in (
-                ("trustDomains", source.trust_domains),
-                ("notTrustDomains", source.not_trust_domains),
-            ):
-                if values:
-                    source_path = at(at(at(path, "from"), s), "source")
-                    raise Invalid(at(source_path, name), "unknown field")
-        for c, condition in enumerate(rule.conditions):
-            key_path = at(at(at(path, "when"), c), "key")
-            if condition.attribute is None:
-                raise Invalid(key_path, condition.unsupported)
-
+from ztagent.model.fields import Invalid, show
 
 _T = TypeVar("_T")
 
@@ -99,7 +81,9 @@ def parse_authorization_policy(
     """
     check_kind(resource, KIND)
     policy = read_authorization_policy(resource, root_namespace=root_namespace)
-    _check_supported(policy)
+    if policy.unsupported:
+        path, reason = policy.unsupported[0]
+        raise Invalid(path, reason)
     return policy if policy.targets else None
 
 
