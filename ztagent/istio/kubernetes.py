@@ -87,6 +87,17 @@ def read_spec(resource: Resource) -> dict[str, Any]:
     return _map(resource.body.get("spec"), "spec")
 
 
+def service_account(value: object, path: str, namespace: str, trust_domain: str) -> str:
+    """A service account name (`default` when not given) that makes a valid SPIFFE identity
+    in `namespace`."""
+    account = _str(value, path) or "default"
+    try:
+        Identity(trust_domain, namespace, account)
+    except InvalidIdentity as exc:
+        raise Invalid(path, f"no valid identity: {exc}") from None
+    return account
+
+
 @dataclass(slots=True)
 class Pod:
     meta: Meta
@@ -160,11 +171,9 @@ def read_pod(resource: Resource, trust_domain: str) -> Pod:
         ips.append(ip(status.get("podIP"), "status.podIP"))
     if len(set(ips)) != len(ips):
         raise Invalid("status.podIPs", "lists an address twice")
-    account = _str(spec.get("serviceAccountName"), "spec.serviceAccountName") or "default"
-    try:
-        Identity(trust_domain, meta.namespace, account)
-    except InvalidIdentity as exc:
-        raise Invalid("spec.serviceAccountName", f"no valid identity: {exc}") from None
+    account = service_account(
+        spec.get("serviceAccountName"), "spec.serviceAccountName", meta.namespace, trust_domain
+    )
     ready = False
     for i, item in enumerate(_list(status.get("conditions"), "status.conditions")):
         condition = _map(item, _at("status.conditions", i))

@@ -9,9 +9,8 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
-from ztagent.identity.spiffe import Identity, InvalidIdentity
 from ztagent.istio.envelope import Resource
-from ztagent.istio.kubernetes import Meta, read_meta, read_spec
+from ztagent.istio.kubernetes import Meta, read_meta, read_spec, service_account
 from ztagent.model.fields import Invalid, port, show
 from ztagent.model.fields import at as _at
 from ztagent.model.fields import labels as _labels
@@ -98,11 +97,9 @@ def read_service_entry(resource: Resource, trust_domain: str) -> ServiceEntry:
         endpoint_ports: dict[str, int] = {}
         for name, number in _map(data.get("ports"), _at(path, "ports")).items():
             endpoint_ports[name] = port(number, _at(_at(path, "ports"), name))
-        account = _str(data.get("serviceAccount"), _at(path, "serviceAccount")) or "default"
-        try:
-            Identity(trust_domain, meta.namespace, account)
-        except InvalidIdentity as exc:
-            raise Invalid(_at(path, "serviceAccount"), f"no valid identity: {exc}") from None
+        account = service_account(
+            data.get("serviceAccount"), _at(path, "serviceAccount"), meta.namespace, trust_domain
+        )
         endpoints.append(
             ServiceEntryEndpoint(
                 address=address,
