@@ -15,17 +15,17 @@ from ztagent.identity.spiffe import Identity
 from ztagent.istio.authorization.l7 import (
     DENIED_BODY,
     DENIED_STATUS,
-    Action,
     Headers,
-    PathTemplate,
     RequestAuth,
     RequestContext,
-    WaypointPolicy,
     evaluate,
-    parse_authorization_policy,
     policies_for,
-    read_authorization_policies,
     strip_query,
+)
+from ztagent.istio.authorization.policy import Action, AuthorizationPolicy, PathTemplate
+from ztagent.istio.authorization.waypoint import (
+    parse_authorization_policy,
+    read_authorization_policies,
 )
 from ztagent.istio.envelope import Resource
 
@@ -63,7 +63,7 @@ def policy(
     name: str = "p",
     dry_run: bool = False,
     **extra: Any,
-) -> WaypointPolicy:
+) -> AuthorizationPolicy:
     spec: dict[str, Any] = {"targetRefs": [WAYPOINT], "action": action, **extra}
     if rules is not None:
         spec["rules"] = rules

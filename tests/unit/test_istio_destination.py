@@ -8,6 +8,7 @@ from fractions import Fraction
 import pytest
 
 from ztagent.control.sources import parse_documents
+from ztagent.fields import parse_go_duration
 from ztagent.istio.balancer import (
     Algorithm,
     ConsistentHash,
@@ -33,7 +34,6 @@ from ztagent.istio.destination import (
 )
 from ztagent.istio.envelope import Resource
 from ztagent.istio.outlier import OutlierDetection
-from ztagent.model.fields import parse_go_duration
 
 GOLDEN = """
 apiVersion: networking.istio.io/v1

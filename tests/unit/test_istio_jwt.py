@@ -13,12 +13,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
-from ztagent.istio.authorization.l7 import (
-    Headers,
-    RequestContext,
-    evaluate,
-    parse_authorization_policy,
-)
+from ztagent.istio.authorization.l7 import Headers, RequestContext, evaluate
+from ztagent.istio.authorization.waypoint import parse_authorization_policy
 from ztagent.istio.envelope import Resource
 from ztagent.istio.jwt import (
     CLOCK_SKEW_SECONDS,

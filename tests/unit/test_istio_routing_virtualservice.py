@@ -23,6 +23,7 @@ from tests.unit.routing_helpers import (
     to,
     vs,
 )
+from ztagent.fields import parse_go_duration
 from ztagent.istio.resilience import DEFAULT_RETRY_POLICY, FaultPolicy, RetryPolicy
 from ztagent.istio.routing import Destination, DirectResponse, Forward, RouteOptions
 from ztagent.istio.routing.actions import HeaderOps, Mirror, Rewrite
@@ -34,7 +35,6 @@ from ztagent.istio.routing.match import (
     RequestMatch,
     ValueMatch,
 )
-from ztagent.model.fields import parse_go_duration
 
 # --- golden parse ------------------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ import yaml
 
 from ztagent.control.sources import parse_documents
 from ztagent.control.translate import translate_resources
-from ztagent.istio.authorization.l7 import read_authorization_policies
+from ztagent.istio.authorization.waypoint import read_authorization_policies
 from ztagent.istio.destination import parse_destination_rules
 from ztagent.istio.envelope import Resource
 from ztagent.istio.jwt import load_jwks, read_request_authentications
@@ -114,11 +114,11 @@ def test_scenario_objects_parse_cleanly(plan: Plan, signer: JwtSigner, outlier: 
     resources = as_resources(scenario_resources(plan, signer.jwks(), outlier))
     routes = parse_routes(resources)
     rules = parse_destination_rules(resources)
-    authz = read_authorization_policies(resources)
+    authorization = read_authorization_policies(resources)
     authn = read_request_authentications(resources)
-    for parsed in (routes, rules, authz, authn):
+    for parsed in (routes, rules, authorization, authn):
         assert parsed.errors == ()
-    assert len(authz.policies) == 2 and len(authn.policies) == 1
+    assert len(authorization.policies) == 2 and len(authn.policies) == 1
     (rule,) = rules.rules
     assert rule.name == ("web-outlier" if outlier else "web")
     assert [s.name for s in rule.subsets] == ["v1", "v2"]

@@ -17,7 +17,7 @@ from google.protobuf.json_format import MessageToDict
 
 from ztagent.control import parse_documents, read_directory, translate
 from ztagent.control.xds import public_jwks, waypoint_resources
-from ztagent.model.fields import Invalid
+from ztagent.fields import Invalid
 from ztagent.xds import convert
 from ztagent.xds.gen.istio.security import authorization_pb2 as security_pb
 from ztagent.xds.gen.istio.workload import workload_pb2 as workload_pb

@@ -45,7 +45,9 @@ from ztagent.control.xds import waypoint_resources
 from ztagent.errors import LocalError
 from ztagent.istio.authorization.l4 import STATIC_STRICT_POLICY_NAME
 from ztagent.istio.envelope import Resource, ResourceError
+from ztagent.istio.kubernetes import selects
 from ztagent.model.workload import TunnelProtocol, Workload
+from ztagent.names import service_hostname
 
 Level = Literal["Error", "Warning", "Info"]
 _LEVEL_ORDER = {"Error": 0, "Warning": 1, "Info": 2}
@@ -96,10 +98,6 @@ def _mapping(value: object) -> dict[str, Any]:
 
 def _string_map(value: object) -> dict[str, str]:
     return {k: v for k, v in _mapping(value).items() if isinstance(k, str) and isinstance(v, str)}
-
-
-def _selects(selector: Mapping[str, str], labels: Mapping[str, str]) -> bool:
-    return all(labels.get(key) == value for key, value in selector.items())
 
 
 def _namespace(resource: Resource) -> str:
@@ -173,7 +171,7 @@ def _selector_matches_nothing(index: _Index, resources: Sequence[Resource]) -> l
         namespace = _namespace(res)
         everywhere = res.kind == "AuthorizationPolicy" and namespace == root
         pods = index.pods_in(None if everywhere else namespace)
-        if not any(_selects(selector, _labels(p)) for p in pods):
+        if not any(selects(selector, _labels(p)) for p in pods):
             where = "any namespace" if everywhere else f"namespace {namespace}"
             shown = json.dumps(selector, sort_keys=True)
             message = f"selects no pod in {where} (matchLabels {shown})"
@@ -205,7 +203,7 @@ def _l7_without_waypoint(
         selector = _match_labels(res)
         pods = index.pods_in(None if namespace == root else namespace)
         if selector is not None:
-            pods = [p for p in pods if _selects(selector, _labels(p))]
+            pods = [p for p in pods if selects(selector, _labels(p))]
         missing = sorted(
             f"{_namespace(p)}/{p.name}"
             for p in pods
@@ -240,13 +238,17 @@ def _host_matches(pattern: str, host: str) -> bool:
 
 
 def _qualify(host: str, namespace: str, suffix: str) -> str:
+    """A referenced host as a pod's DNS search path resolves it: `name` in `namespace`, and
+    also `name.namespace` (one dot), which Istio's `qualify_host` keeps as written; the check
+    looks for a Service either way."""
     if "*" in host:
         return host
     dots = host.count(".")
     if dots == 0:
-        return f"{host}.{namespace}.svc.{suffix}"
+        return service_hostname(host, namespace, suffix)
     if dots == 1:
-        return f"{host}.svc.{suffix}"
+        name, _, host_namespace = host.partition(".")
+        return service_hostname(name, host_namespace, suffix)
     return host
 
 
@@ -254,7 +256,7 @@ def _known_hosts(index: _Index) -> dict[str, Resource]:
     suffix = index.options.domain_suffix
     hosts: dict[str, Resource] = {}
     for svc in index.services:
-        hosts.setdefault(f"{svc.name}.{_namespace(svc)}.svc.{suffix}", svc)
+        hosts.setdefault(service_hostname(svc.name, _namespace(svc), suffix), svc)
     for entry in index.entries:
         for host in _spec(entry).get("hosts") or []:
             if isinstance(host, str):
@@ -331,13 +333,13 @@ def _backends(index: _Index, target: Resource) -> list[dict[str, str]] | None:
         selector = _string_map(spec.get("selector"))
         if not selector:
             return None
-        return [_labels(p) for p in index.pods_in(namespace) if _selects(selector, _labels(p))]
+        return [_labels(p) for p in index.pods_in(namespace) if selects(selector, _labels(p))]
     endpoints = spec.get("endpoints")
     if isinstance(endpoints, list) and endpoints:
         return [_string_map(_mapping(e).get("labels")) for e in endpoints]
     selector = _string_map(_mapping(spec.get("workloadSelector")).get("labels"))
     if selector:
-        return [_labels(p) for p in index.pods_in(namespace) if _selects(selector, _labels(p))]
+        return [_labels(p) for p in index.pods_in(namespace) if selects(selector, _labels(p))]
     return None
 
 
@@ -357,7 +359,7 @@ def _subsets(
     for i, subset in enumerate(subsets):
         data = _mapping(subset)
         labels = _string_map(data.get("labels"))
-        if not labels or any(_selects(labels, b) for b in backends):
+        if not labels or any(selects(labels, b) for b in backends):
             continue
         name = data.get("name")
         shown = json.dumps(labels, sort_keys=True)
@@ -400,7 +402,7 @@ def _strict_non_enrolled(index: _Index, resources: Sequence[Resource]) -> list[F
             f"{ns}/{name}"
             for ns, name in strict
             if (namespace == root or ns == namespace)
-            and (selector is None or _selects(selector, labels.get((ns, name), {})))
+            and (selector is None or selects(selector, labels.get((ns, name), {})))
         )
         if not governed:
             continue

@@ -8,10 +8,10 @@ import os
 import sys
 from pathlib import Path
 
-from ztagent.control.translate import DEFAULT_CLUSTER_ID, DEFAULT_DOMAIN_SUFFIX
+from ztagent.control.translate import DEFAULT_CLUSTER_ID
 from ztagent.errors import LocalError
 from ztagent.identity.spiffe import DEFAULT_TRUST_DOMAIN
-from ztagent.istio.authorization.l4 import DEFAULT_ROOT_NAMESPACE
+from ztagent.names import DEFAULT_DOMAIN_SUFFIX, DEFAULT_ROOT_NAMESPACE
 
 DEFAULT_CA_DIR = "/var/lib/ztagent/control-ca"
 DEFAULT_TRUSTED_NODE_AGENTS = "istio-system/ztunnel,ztagent-system/ztagent"

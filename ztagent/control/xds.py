@@ -30,10 +30,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ztagent.control.translate import WAYPOINT_CLASS, TranslateOptions
+from ztagent.fields import Invalid, join, show
 from ztagent.istio import destination, jwt, routing
-from ztagent.istio.authorization import l7 as authz
+from ztagent.istio.authorization.waypoint import read_authorization_policies, resource_error
 from ztagent.istio.envelope import Resource, ResourceError
-from ztagent.model.fields import Invalid, join, show
 from ztagent.model.snapshot import ConfigSnapshot
 from ztagent.xds import convert
 from ztagent.xds.stream import (
@@ -200,9 +200,7 @@ def _check(
         rules = destination.parse_destination_rules([resource], domain_suffix=options.domain_suffix)
         return list(rules.errors), list(rules.notes), True
     if kind == _AUTHORIZATION_POLICY:
-        policies = authz.read_authorization_policies(
-            [resource], root_namespace=options.root_namespace
-        )
+        policies = read_authorization_policies([resource], root_namespace=options.root_namespace)
         return list(policies.errors), list(policies.notes), True
     if kind == _REQUEST_AUTHENTICATION:
         try:
@@ -210,8 +208,8 @@ def _check(
                 resource, root_namespace=options.root_namespace
             )
         except Invalid as exc:
-            return [authz.resource_error(resource, exc.path, exc.reason)], [], True
-        errors = [authz.resource_error(resource, path, why) for path, why in problems]
+            return [resource_error(resource, exc.path, exc.reason)], [], True
+        errors = [resource_error(resource, path, why) for path, why in problems]
         return errors, [], False
     return [], [], False
 
@@ -240,7 +238,7 @@ def waypoint_resources(
         name = convert.l7_name(resource.kind, namespace, resource.name)
         if name in seen:
             reason = f"duplicate of the one in {seen[name].location}"
-            errors.append(authz.resource_error(resource, "", reason))
+            errors.append(resource_error(resource, "", reason))
             continue
         seen[name] = resource
         body = copy.deepcopy(dict(resource.body))
@@ -253,12 +251,12 @@ def waypoint_resources(
             found, remarks, whole = _check(served, options)
         except RecursionError:
             found, remarks, whole = (
-                [authz.resource_error(resource, "", "nested too deeply")],
+                [resource_error(resource, "", "nested too deeply")],
                 [],
                 True,
             )
         reported = {path for path, _ in own}
-        found = [authz.resource_error(served, p, r) for p, r in own] + [
+        found = [resource_error(served, p, r) for p, r in own] + [
             e for e in found if e.path not in reported
         ]
         errors.extend(found)

@@ -6,12 +6,11 @@ Only argument handling and printing live here; the certificate work is in `ztage
 from __future__ import annotations
 
 import argparse
-import re
 from datetime import timedelta
-from fractions import Fraction
 from pathlib import Path
 
 from ztagent.errors import LocalError
+from ztagent.fields import parse_go_duration
 from ztagent.identity.ca import (
     CA_CERT,
     CA_KEY,
@@ -26,40 +25,22 @@ class InvalidDuration(LocalError):
     """A duration flag that is not in Go's `time.ParseDuration` form."""
 
 
-_DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(ns|us|µs|μs|ms|s|m|h)")
-_NANOS = {
-    "ns": 1,
-    "us": 1_000,
-    "µs": 1_000,
-    "μs": 1_000,
-    "ms": 1_000_000,
-    "s": 1_000_000_000,
-    "m": 60 * 1_000_000_000,
-    "h": 3600 * 1_000_000_000,
-}
-
-
 def parse_duration(text: str) -> timedelta:
-    """Parse a Go-style duration (24h, 90m, 1h30m, 1.5h, 500ms), as Istio's flags take them.
+    """Parse a Go-style duration (24h, 90m, 1h30m, 1.5h, 500ms), as Istio's flags take them
+    (`ztagent.fields.parse_go_duration`).
 
     Signs are refused: no duration this command takes can be negative. Precision below a
     microsecond is rounded away, since `timedelta` cannot hold it.
     """
     usage = "expected numbers with units h, m, s, ms, us or ns, such as 24h, 90m or 1h30m"
-    if text == "0":
-        return timedelta(0)
-    if not text:
-        raise InvalidDuration(f"empty duration: {usage}")
-    total = Fraction(0)
-    pos = 0
-    while pos < len(text):
-        match = _DURATION_PART.match(text, pos)
-        if match is None:
-            raise InvalidDuration(f"invalid duration {text[:40]!r}: {usage}")
-        total += Fraction(match[1]) * _NANOS[match[2]]
-        pos = match.end()
+    if text[:1] == "+":
+        raise InvalidDuration(f"invalid duration {text[:40]!r}: {usage}")
     try:
-        return timedelta(microseconds=round(total / 1000))
+        seconds = parse_go_duration(text)
+    except ValueError as exc:
+        raise InvalidDuration(f"{exc}: {usage}") from None
+    try:
+        return timedelta(microseconds=round(seconds * 1_000_000))
     except OverflowError:
         raise InvalidDuration(f"duration {text[:40]!r} is too long") from None
 

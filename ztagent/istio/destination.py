@@ -26,7 +26,7 @@ Meaning follows Istio and the Envoy configuration istiod generates:
   tunnel, proxy protocol, workloadSelector) are noted, never silently dropped.
 - Durations are strings as Kubernetes stores them: Go/protobuf durations such as "10s", "0.5s",
   "1m30s", "250ms"; Istio requires at least 1ms and whole milliseconds
-  (`ztagent.model.fields.duration`).
+  (`ztagent.fields.duration`).
 
 A bad rule is left out with a `ResourceError` naming the kind, `namespace/name`, the field path
 and the reason; every other rule is still read. Pure: no I/O, no clock.
@@ -41,6 +41,15 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from ztagent.fields import Invalid, duration, show
+from ztagent.fields import at as _at
+from ztagent.fields import boolean as _bool
+from ztagent.fields import kube_type_name as _type_name
+from ztagent.fields import labels as _labels
+from ztagent.fields import mapping as _map
+from ztagent.fields import only as _only
+from ztagent.fields import sequence as _list
+from ztagent.fields import string as _str
 from ztagent.istio.balancer import (
     DEFAULT_MINIMUM_RING_SIZE,
     Algorithm,
@@ -55,7 +64,6 @@ from ztagent.istio.connection_pool import (
     ConnectionPoolSettings,
 )
 from ztagent.istio.envelope import Resource, ResourceError
-from ztagent.istio.names import DEFAULT_DOMAIN_SUFFIX, qualify_host
 from ztagent.istio.outlier import (
     DEFAULT_BASE_EJECTION_TIME,
     DEFAULT_CONSECUTIVE_5XX_ERRORS,
@@ -63,15 +71,7 @@ from ztagent.istio.outlier import (
     DEFAULT_MAX_EJECTION_PERCENT,
     OutlierDetection,
 )
-from ztagent.model.fields import Invalid, duration, show
-from ztagent.model.fields import at as _at
-from ztagent.model.fields import boolean as _bool
-from ztagent.model.fields import kube_type_name as _type_name
-from ztagent.model.fields import labels as _labels
-from ztagent.model.fields import mapping as _map
-from ztagent.model.fields import only as _only
-from ztagent.model.fields import sequence as _list
-from ztagent.model.fields import string as _str
+from ztagent.names import DEFAULT_DOMAIN_SUFFIX, qualify_host
 
 log = logging.getLogger(__name__)
 

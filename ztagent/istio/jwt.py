@@ -49,24 +49,19 @@ from typing import Any
 import jwt as pyjwt
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from ztagent.istio.authorization.l7 import (
-    API_VERSIONS,
-    DEFAULT_ROOT_NAMESPACE,
-    RequestAuth,
-    TargetRef,
-    read_target_refs,
-    resource_error,
-)
+from ztagent.fields import Invalid, show, type_name
+from ztagent.fields import at as _at
+from ztagent.fields import mapping as _map
+from ztagent.fields import only as _only
+from ztagent.fields import sequence as _list
+from ztagent.fields import string as _str
+from ztagent.fields import strings as _strings
+from ztagent.istio.authorization.l7 import RequestAuth
+from ztagent.istio.authorization.policy import TargetRef, read_target_refs
+from ztagent.istio.authorization.waypoint import check_kind, read_attached, resource_error
 from ztagent.istio.envelope import Resource, ResourceError
-from ztagent.model.fields import Invalid, show, type_name
-from ztagent.model.fields import at as _at
-from ztagent.model.fields import mapping as _map
-from ztagent.model.fields import only as _only
-from ztagent.model.fields import sequence as _list
-from ztagent.model.fields import string as _str
-from ztagent.model.fields import strings as _strings
+from ztagent.names import DEFAULT_ROOT_NAMESPACE
 
-API_GROUP = "security.istio.io"
 KIND = "RequestAuthentication"
 
 CLOCK_SKEW_SECONDS = 60
@@ -428,12 +423,7 @@ def parse_request_authentication(
 
     Raises `Invalid` for anything Istio would reject.
     """
-    if resource.group != API_GROUP or resource.kind != KIND:
-        raise Invalid("kind", f"{resource.api_version} {resource.kind} is not a {KIND}")
-    version = resource.api_version.rpartition("/")[2]
-    if version not in API_VERSIONS:
-        supported = ", ".join(f"{API_GROUP}/{v}" for v in API_VERSIONS)
-        raise Invalid("apiVersion", f"{show(resource.api_version)} is not supported ({supported})")
+    check_kind(resource, KIND)
     namespace = resource.namespace or "default"
     spec = _map(resource.body.get("spec"), "spec")
     _only(spec, "spec", ("selector", "targetRef", "targetRefs", "jwtRules"))
@@ -463,23 +453,16 @@ def read_request_authentications(
     resources: Iterable[Resource], *, root_namespace: str = DEFAULT_ROOT_NAMESPACE
 ) -> JwtConfig:
     """Every RequestAuthentication among `resources` that belongs to waypoints."""
+
+    def parse(
+        resource: Resource,
+    ) -> tuple[RequestAuthentication, list[tuple[str, str]]] | None:
+        policy, problems = parse_request_authentication(resource, root_namespace=root_namespace)
+        return None if policy is None else (policy, problems)
+
+    found, errors, notes = read_attached(resources, KIND, parse)
     policies: list[RequestAuthentication] = []
-    errors: list[ResourceError] = []
-    notes: list[ResourceError] = []
-    for resource in resources:
-        if resource.group != API_GROUP or resource.kind != KIND:
-            continue
-        try:
-            policy, problems = parse_request_authentication(resource, root_namespace=root_namespace)
-        except Invalid as exc:
-            errors.append(resource_error(resource, exc.path, exc.reason))
-            continue
-        except RecursionError:
-            errors.append(resource_error(resource, "", "nested too deeply"))
-            continue
-        if policy is None:
-            notes.append(resource_error(resource, "spec", "no targetRefs: not a waypoint policy"))
-            continue
+    for resource, (policy, problems) in found:
         errors.extend(resource_error(resource, path, reason) for path, reason in problems)
         policies.append(policy)
     return JwtConfig(tuple(policies), tuple(errors), tuple(notes))

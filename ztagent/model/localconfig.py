@@ -28,9 +28,10 @@ from typing import Any, TypeVar
 
 import yaml
 
+from ztagent import fields
 from ztagent.errors import LocalError
+from ztagent.fields import Invalid, join, show, type_name
 from ztagent.identity.spiffe import DEFAULT_TRUST_DOMAIN, InvalidIdentity
-from ztagent.model.fields import Invalid, join, show, type_name
 from ztagent.model.policy import (
     Action,
     Authorization,
@@ -48,7 +49,6 @@ from ztagent.model.workload import (
     DEFAULT_SERVICE_ACCOUNT,
     HBONE_MTLS_PORT,
     GatewayAddress,
-    IPAddress,
     NamespacedHostname,
     NetworkAddress,
     Service,
@@ -173,34 +173,13 @@ def _string(value: object, path: str) -> str:
     return value
 
 
-def _ip(value: object, path: str) -> IPAddress:
-    if not isinstance(value, str):
-        raise Invalid(path, f"must be an IP address string, got {type_name(value)}")
-    try:
-        return ipaddress.ip_address(value)
-    except ValueError:
-        raise Invalid(path, f"{show(value)} is not an IP address") from None
-
-
-def _port(value: object, path: str, *, allow_zero: bool = False) -> int:
-    number: int | None = None
-    if isinstance(value, int) and not isinstance(value, bool):
-        number = value
-    elif isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 5:
-        number = int(value)
-    low = 0 if allow_zero else 1
-    if number is None or not low <= number <= 65535:
-        raise Invalid(path, f"{show(value)} is not a port number ({low}-65535)")
-    return number
-
-
 def _port_map(value: object, path: str) -> dict[int, int]:
     if not isinstance(value, dict):
         raise Invalid(path, f"must be a mapping of port to target port, got {type_name(value)}")
     ports: dict[int, int] = {}
     for key, target in value.items():
-        port = _port(key, path)
-        ports[port] = _port(target, join(path, str(port)), allow_zero=True)
+        number = fields.port(key, path)
+        ports[number] = fields.port(target, join(path, str(number)), low=0)
     return ports
 
 
@@ -228,8 +207,8 @@ def _gateway(value: object, path: str) -> GatewayAddress:
     """ztunnel's `{destination: "net/ip" | "ns/hostname", hboneMtlsPort: N}`."""
     obj = _Object(value, path)
     destination = obj.string("destination")
-    port = obj.raw("hboneMtlsPort")
-    mtls_port = HBONE_MTLS_PORT if port is None else _port(port, obj.at("hboneMtlsPort"))
+    mtls = obj.raw("hboneMtlsPort")
+    mtls_port = HBONE_MTLS_PORT if mtls is None else fields.port(mtls, obj.at("hboneMtlsPort"))
     obj.finish()
     network, slash, ip = destination.rpartition("/")
     if slash:
@@ -313,7 +292,7 @@ def _read_workload(value: object, path: str, trust_domain: str) -> Workload:
         if not name:
             raise Invalid(obj.at("uid"), "is required when name is empty")
         uid = f"{namespace}/{name}"
-    addresses = obj.items("workloadIps", _ip, required=True)
+    addresses = obj.items("workloadIps", fields.ip, required=True)
     protocol = obj.raw("protocol")
     tunnel = (
         TunnelProtocol.NONE if protocol is None else _pick(protocol, obj.at("protocol"), _PROTOCOLS)
@@ -438,17 +417,12 @@ def _service_account_match(value: object, path: str) -> ServiceAccountMatch:
     return match
 
 
-def _cidr(value: object, path: str) -> CidrMatch:
-    if not isinstance(value, str):
-        raise Invalid(path, f"must be an IP or CIDR string, got {type_name(value)}")
-    try:
-        return CidrMatch.parse(value)
-    except ValueError:
-        raise Invalid(path, f"{show(value)} is not an IP address or CIDR block") from None
+def _cidr_block(value: object, path: str) -> CidrMatch:
+    return CidrMatch(fields.cidr(value, path))
 
 
 def _rule_port(value: object, path: str) -> int:
-    return _port(value, path, allow_zero=True)
+    return fields.port(value, path, low=0)
 
 
 _MATCH_FIELDS: tuple[tuple[str, str, Callable[[Any, str], Any]], ...] = (
@@ -456,10 +430,10 @@ _MATCH_FIELDS: tuple[tuple[str, str, Callable[[Any, str], Any]], ...] = (
     ("notNamespaces", "not_namespaces", _string_match),
     ("principals", "principals", _string_match),
     ("notPrincipals", "not_principals", _string_match),
-    ("sourceIps", "source_ips", _cidr),
-    ("notSourceIps", "not_source_ips", _cidr),
-    ("destinationIps", "destination_ips", _cidr),
-    ("notDestinationIps", "not_destination_ips", _cidr),
+    ("sourceIps", "source_ips", _cidr_block),
+    ("notSourceIps", "not_source_ips", _cidr_block),
+    ("destinationIps", "destination_ips", _cidr_block),
+    ("notDestinationIps", "not_destination_ips", _cidr_block),
     ("destinationPorts", "destination_ports", _rule_port),
     ("notDestinationPorts", "not_destination_ports", _rule_port),
     ("serviceAccounts", "service_accounts", _service_account_match),

@@ -14,6 +14,7 @@ import enum
 import ipaddress
 from dataclasses import dataclass, fields
 
+from ztagent.fields import Invalid, show
 from ztagent.identity.spiffe import Identity
 from ztagent.model.workload import IPAddress
 
@@ -123,6 +124,14 @@ class CidrMatch:
 
     def __str__(self) -> str:
         return str(self.network)
+
+
+def cidr_match(value: str, path: str) -> CidrMatch:
+    """A `CidrMatch` read from a policy field; `Invalid` naming `path` if it is not one."""
+    try:
+        return CidrMatch.parse(value)
+    except ValueError:
+        raise Invalid(path, f"{show(value)} is not an IP address or CIDR") from None
 
 
 @dataclass(frozen=True, slots=True)

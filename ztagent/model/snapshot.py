@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from ztagent.model.fields import show
+from ztagent.fields import show
 from ztagent.model.policy import Authorization
 from ztagent.model.workload import Service, Workload
 

@@ -22,8 +22,7 @@ from ztagent.model.workload import (
     Service,
     Workload,
 )
-
-DEFAULT_ROOT_NAMESPACE = "istio-system"
+from ztagent.names import DEFAULT_ROOT_NAMESPACE
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,9 +11,20 @@ from datetime import timedelta
 from typing import Any
 
 from ztagent.errors import LocalError
+from ztagent.fields import parse_go_duration
 from ztagent.hbone.frames import parse_authority
 from ztagent.identity.command import parse_duration
-from ztagent.model.fields import parse_go_duration
+from ztagent.identity.spiffe import DEFAULT_TRUST_DOMAIN
+from ztagent.names import (
+    ADMIN_PORT,
+    DEFAULT_ROOT_NAMESPACE,
+    HBONE_PORT,
+    INBOUND_PLAINTEXT_PORT,
+    OUTBOUND_PORT,
+    READINESS_PORT,
+    SOCKS5_PORT,
+    STATS_PORT,
+)
 from ztagent.xds.connection import DEFAULT_ROOT_CA, DEFAULT_TOKEN_PATH, parse_address
 
 WORKLOADS = "workloads"  # bind on every local workload IP (loopback labs, tests)
@@ -26,19 +37,19 @@ Bind = tuple[str, int] | str  # an address, WORKLOADS or OFF
 class NodeSettings:
     local_xds_path: str
     node_name: str
-    trust_domain: str = "cluster.local"
+    trust_domain: str = DEFAULT_TRUST_DOMAIN
     cluster_id: str = "Kubernetes"
     secret_ttl: timedelta = timedelta(hours=24)
     log_format: str = "text"
     ca_dir: str = "/var/run/ztagent/ca"
-    root_namespace: str = "istio-system"
-    outbound_addr: Bind = ("0.0.0.0", 15001)
-    inbound_addr: Bind = ("0.0.0.0", 15008)
-    inbound_plaintext_addr: Bind = ("0.0.0.0", 15006)
-    socks5_addr: Bind = ("127.0.0.1", 15080)
-    admin_addr: tuple[str, int] = ("127.0.0.1", 15000)
-    metrics_addr: tuple[str, int] = ("0.0.0.0", 15020)
-    readiness_addr: tuple[str, int] = ("0.0.0.0", 15021)
+    root_namespace: str = DEFAULT_ROOT_NAMESPACE
+    outbound_addr: Bind = ("0.0.0.0", OUTBOUND_PORT)
+    inbound_addr: Bind = ("0.0.0.0", HBONE_PORT)
+    inbound_plaintext_addr: Bind = ("0.0.0.0", INBOUND_PLAINTEXT_PORT)
+    socks5_addr: Bind = ("127.0.0.1", SOCKS5_PORT)
+    admin_addr: tuple[str, int] = ("127.0.0.1", ADMIN_PORT)
+    metrics_addr: tuple[str, int] = ("0.0.0.0", STATS_PORT)
+    readiness_addr: tuple[str, int] = ("0.0.0.0", READINESS_PORT)
     deny_unknown: bool = False
     drain_timeout: float = 5.0
     handover_socket: str = ""
@@ -69,7 +80,7 @@ _FLAGS: list[tuple[str, str | None, str, str]] = [
         "ztunnel local-config YAML with workloads, services and policies; watched for changes",
     ),
     ("--node-name", "NODE_NAME", "", "this node's name: workloads with this node are local"),
-    ("--trust-domain", "TRUST_DOMAIN", "cluster.local", "SPIFFE trust domain"),
+    ("--trust-domain", "TRUST_DOMAIN", DEFAULT_TRUST_DOMAIN, "SPIFFE trust domain"),
     ("--cluster-id", "CLUSTER_ID", "Kubernetes", "cluster name for metrics and baggage"),
     ("--secret-ttl", "SECRET_TTL", "24h", "lifetime of workload certificates (e.g. 24h, 90m)"),
     ("--log-format", "LOG_FORMAT", "text", "log format: text or json"),
@@ -112,34 +123,44 @@ _FLAGS: list[tuple[str, str | None, str, str]] = [
         "/var/run/ztagent/ca",
         "embedded CA directory in istiod's cacerts layout (created when missing)",
     ),
-    ("--root-namespace", None, "istio-system", "namespace whose policies apply mesh-wide"),
+    ("--root-namespace", None, DEFAULT_ROOT_NAMESPACE, "namespace whose policies apply mesh-wide"),
     (
         "--outbound-addr",
         None,
-        "0.0.0.0:15001",
+        f"0.0.0.0:{OUTBOUND_PORT}",
         "transparent listener for captured outbound connections, or 'off'",
     ),
     (
         "--inbound-addr",
         None,
-        "0.0.0.0:15008",
+        f"0.0.0.0:{HBONE_PORT}",
         "HBONE listener; 'workloads' binds port 15008 on every local workload IP",
     ),
     (
         "--inbound-plaintext-addr",
         None,
-        "0.0.0.0:15006",
+        f"0.0.0.0:{INBOUND_PLAINTEXT_PORT}",
         "plaintext inbound listener; 'workloads' binds 15006 on every local workload IP; 'off'",
     ),
     (
         "--socks5-addr",
         None,
-        "127.0.0.1:15080",
+        f"127.0.0.1:{SOCKS5_PORT}",
         "SOCKS5 listener for clients that are not captured, or 'off'",
     ),
-    ("--admin-addr", None, "127.0.0.1:15000", "admin API: /config_dump, /logging, /quitquitquit"),
-    ("--metrics-addr", None, "0.0.0.0:15020", "Prometheus metrics: /metrics, /stats/prometheus"),
-    ("--readiness-addr", None, "0.0.0.0:15021", "readiness: /healthz/ready"),
+    (
+        "--admin-addr",
+        None,
+        f"127.0.0.1:{ADMIN_PORT}",
+        "admin API: /config_dump, /logging, /quitquitquit",
+    ),
+    (
+        "--metrics-addr",
+        None,
+        f"0.0.0.0:{STATS_PORT}",
+        "Prometheus metrics: /metrics, /stats/prometheus",
+    ),
+    ("--readiness-addr", None, f"0.0.0.0:{READINESS_PORT}", "readiness: /healthz/ready"),
     (
         "--unknown-destination",
         None,
@@ -262,7 +283,7 @@ def from_args(args: argparse.Namespace) -> NodeSettings:
         ca_root_ca=v("--ca-root-ca"),
         token_path=v("--token-path"),
         pod_name=v("--pod-name") or socket.gethostname(),
-        pod_namespace=v("--pod-namespace") or "istio-system",
+        pod_namespace=v("--pod-namespace") or DEFAULT_ROOT_NAMESPACE,
         instance_ip=v("--instance-ip"),
     )
 

@@ -24,15 +24,18 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ztagent.istio.authorization.l7 import AuthzConfig, read_authorization_policies
+from ztagent.fields import Invalid, join, show
+from ztagent.fields import port as read_port
+from ztagent.istio.authorization.waypoint import (
+    AuthorizationConfig,
+    read_authorization_policies,
+)
 from ztagent.istio.destination import DestinationRules, parse_destination_rules
 from ztagent.istio.envelope import Resource, ResourceError, envelope
 from ztagent.istio.jwt import JwtConfig, read_request_authentications
-from ztagent.istio.names import DEFAULT_DOMAIN_SUFFIX, DEFAULT_ROOT_NAMESPACE, service_hostname
 from ztagent.istio.routing import RouteConfig, RouteOptions, parse_routes
-from ztagent.model.fields import Invalid, join, show
-from ztagent.model.fields import port as read_port
 from ztagent.model.workload import Workload
+from ztagent.names import DEFAULT_DOMAIN_SUFFIX, DEFAULT_ROOT_NAMESPACE, service_hostname
 
 SOURCE = "xds"
 """The `file` of the `Resource`s built here (errors show `xds#<index in the list>`)."""
@@ -112,7 +115,7 @@ class WaypointConfig:
 
     routes: RouteConfig = field(default_factory=RouteConfig)
     destination_rules: DestinationRules = field(default_factory=DestinationRules)
-    authorization: AuthzConfig = field(default_factory=AuthzConfig)
+    authorization: AuthorizationConfig = field(default_factory=AuthorizationConfig)
     authentication: JwtConfig = field(default_factory=JwtConfig)
     services: Mapping[str, ServicePorts] = field(default_factory=dict)
     """By hostname, `name.namespace.svc.<domain suffix>`."""

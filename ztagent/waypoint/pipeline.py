@@ -33,7 +33,8 @@ from dataclasses import dataclass
 from ztagent.http.messages import RequestHead
 from ztagent.identity.spiffe import Identity
 from ztagent.istio import jwt, routing
-from ztagent.istio.authorization import l7 as authz
+from ztagent.istio.authorization import l7
+from ztagent.istio.authorization.policy import AuthorizationPolicy
 from ztagent.istio.connection_pool import ConnectionPool, Overflow
 from ztagent.istio.destination import DEFAULT_POLICY
 from ztagent.istio.outlier import LocalOrigin
@@ -482,7 +483,7 @@ class Pipeline:
         self.clusters = Clusters(state, rng)
         self._tables: dict[tuple[str, int], routing.RouteTable] = {}
         self._policy_cache: dict[
-            str, tuple[jwt.Authenticator | None, list[authz.WaypointPolicy]]
+            str, tuple[jwt.Authenticator | None, list[AuthorizationPolicy]]
         ] = {}
         # Connection pool counters of pod-addressed traffic (no DestinationRule), per workload.
         self._direct_pools: dict[str, ConnectionPool] = {}
@@ -497,7 +498,7 @@ class Pipeline:
 
     def policies(
         self, service: Service | None
-    ) -> tuple[jwt.Authenticator | None, list[authz.WaypointPolicy]]:
+    ) -> tuple[jwt.Authenticator | None, list[AuthorizationPolicy]]:
         """The RequestAuthentications (ready to check tokens) and AuthorizationPolicies that
         apply to requests for `service` through this waypoint."""
         key = service.key if service else ""
@@ -505,8 +506,8 @@ class Pipeline:
         if found is None:
             target = ("Service", service.namespace, service.name) if service else None
             config = self.config
-            authn = authz.policies_for(config.authentication.policies, self.gateway, target)
-            policies = authz.policies_for(config.authorization.policies, self.gateway, target)
+            authn = l7.policies_for(config.authentication.policies, self.gateway, target)
+            policies = l7.policies_for(config.authorization.policies, self.gateway, target)
             found = (jwt.Authenticator(authn) if authn else None, policies)
             self._policy_cache[key] = found
         return found
@@ -573,7 +574,7 @@ class Pipeline:
         port = down.target[1]
         path = head.path
         authenticator, policies = self.policies(service)
-        auth: authz.RequestAuth | None = None
+        auth: l7.RequestAuth | None = None
         if authenticator is not None:
             result = authenticator.authenticate(
                 headers, path, now=wall, host=head.authority, scheme=head.scheme
@@ -593,14 +594,14 @@ class Pipeline:
             if edits.path is not None:
                 path = edits.path
         if policies:
-            decision = authz.evaluate(
+            decision = l7.evaluate(
                 policies,
-                authz.RequestContext(
+                l7.RequestContext(
                     method=head.method,
                     path=path,
                     host=head.authority,
                     destination_port=port,
-                    headers=authz.Headers.of(headers),
+                    headers=l7.Headers.of(headers),
                     source_identity=down.peer_identity,
                     source_ip=_ip(down.client_ip),
                     destination_ip=_ip(down.target[0]),

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import timedelta
 
-from ztagent.identity.spiffe import Identity
+from ztagent.identity.spiffe import DEFAULT_TRUST_DOMAIN, Identity
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,7 @@ class WaypointSettings:
     admin_addr: tuple[str, int]
     metrics_addr: tuple[str, int]
     readiness_addr: tuple[str, int]
-    trust_domain: str = "cluster.local"
+    trust_domain: str = DEFAULT_TRUST_DOMAIN
     cluster_id: str = "Kubernetes"
     secret_ttl: timedelta = timedelta(hours=24)
     otlp_endpoint: str = ""

@@ -22,7 +22,7 @@ from typing import Any
 from google.protobuf.message import DecodeError
 
 from ztagent.errors import LocalError
-from ztagent.model.fields import Invalid
+from ztagent.fields import Invalid
 from ztagent.model.policy import Authorization
 from ztagent.model.snapshot import ConfigSnapshot
 from ztagent.model.workload import Service, Workload

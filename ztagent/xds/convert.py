@@ -20,8 +20,8 @@ import math
 from collections.abc import Iterable, Mapping
 from typing import Any, TypeVar
 
+from ztagent.fields import Invalid, join
 from ztagent.identity.spiffe import Identity, InvalidIdentity
-from ztagent.model.fields import Invalid, join
 from ztagent.model.policy import (
     Action,
     Authorization,
@@ -213,7 +213,8 @@ def address_of_service(service: Service) -> workload_pb.Address:
 # --- decoding (node agent) ---------------------------------------------------------------------
 
 
-def _ip(raw: bytes, path: str) -> IPAddress:
+def _ip_from_bytes(raw: bytes, path: str) -> IPAddress:
+    """A protobuf `bytes` address (4 or 16 bytes), not a text field: `fields.ip` reads those."""
     if len(raw) == 4:
         return ipaddress.IPv4Address(raw)
     if len(raw) == 16:
@@ -221,7 +222,8 @@ def _ip(raw: bytes, path: str) -> IPAddress:
     raise Invalid(path, f"an address is 4 or 16 bytes, got {len(raw)}")
 
 
-def _port(value: int, path: str, *, allow_zero: bool = False) -> int:
+def _port_from_pb(value: int, path: str, *, allow_zero: bool = False) -> int:
+    """A protobuf `uint32` port (never negative, never a string): only the range is checked."""
     if value > 65535 or (value == 0 and not allow_zero):
         raise Invalid(path, f"port {value} is out of range")
     return value
@@ -234,11 +236,11 @@ def _enum(value: int, table: dict[int, T], path: str) -> T:
 
 
 def _network_address(message: workload_pb.NetworkAddress, path: str) -> NetworkAddress:
-    return NetworkAddress(message.network, _ip(message.address, join(path, "address")))
+    return NetworkAddress(message.network, _ip_from_bytes(message.address, join(path, "address")))
 
 
 def _gateway(message: workload_pb.GatewayAddress, path: str) -> GatewayAddress:
-    port = _port(message.hbone_mtls_port, join(path, "hbone_mtls_port"))
+    port = _port_from_pb(message.hbone_mtls_port, join(path, "hbone_mtls_port"))
     which = message.WhichOneof("destination")
     if which == "hostname":
         name = message.hostname
@@ -257,8 +259,10 @@ def _port_map(ports: Iterable[workload_pb.Port], path: str) -> dict[int, int]:
     result: dict[int, int] = {}
     for i, port in enumerate(ports):
         at = join(path, i)
-        service_port = _port(port.service_port, join(at, "service_port"))
-        result[service_port] = _port(port.target_port, join(at, "target_port"), allow_zero=True)
+        service_port = _port_from_pb(port.service_port, join(at, "service_port"))
+        result[service_port] = _port_from_pb(
+            port.target_port, join(at, "target_port"), allow_zero=True
+        )
     return result
 
 
@@ -275,7 +279,9 @@ def workload_from_proto(message: workload_pb.Workload) -> Workload:
         uid=message.uid,
         name=message.name,
         namespace=message.namespace,
-        addresses=tuple(_ip(raw, join("addresses", i)) for i, raw in enumerate(message.addresses)),
+        addresses=tuple(
+            _ip_from_bytes(raw, join("addresses", i)) for i, raw in enumerate(message.addresses)
+        ),
         network=message.network,
         tunnel_protocol=_enum(message.tunnel_protocol, _TUNNEL_BACK, "tunnel_protocol"),
         trust_domain=message.trust_domain or "cluster.local",
@@ -345,8 +351,8 @@ def _string_match(message: security_pb.StringMatch, path: str) -> StringMatch:
     raise Invalid(path, "needs exact, prefix, suffix or presence")
 
 
-def _cidr(message: security_pb.Address, path: str) -> CidrMatch:
-    ip = _ip(message.address, join(path, "address"))
+def _cidr_from_pb(message: security_pb.Address, path: str) -> CidrMatch:
+    ip = _ip_from_bytes(message.address, join(path, "address"))
     if message.length > ip.max_prefixlen:
         raise Invalid(join(path, "length"), f"prefix length {message.length} is too long")
     return CidrMatch(ipaddress.ip_network((ip, message.length), strict=False))
@@ -367,7 +373,8 @@ def _match(message: security_pb.Match, path: str) -> Match:
 
     def cidrs(name: str) -> tuple[CidrMatch, ...]:
         return tuple(
-            _cidr(m, join(join(path, name), i)) for i, m in enumerate(getattr(message, name))
+            _cidr_from_pb(m, join(join(path, name), i))
+            for i, m in enumerate(getattr(message, name))
         )
 
     def accounts(name: str) -> tuple[ServiceAccountMatch, ...]:
@@ -377,7 +384,8 @@ def _match(message: security_pb.Match, path: str) -> Match:
 
     def ports(name: str) -> tuple[int, ...]:
         return tuple(
-            _port(p, join(join(path, name), i)) for i, p in enumerate(getattr(message, name))
+            _port_from_pb(p, join(join(path, name), i))
+            for i, p in enumerate(getattr(message, name))
         )
 
     return Match(

@@ -1,2 +1,4 @@
-"""Istio's AuthorizationPolicy: `l4` is what the node agent enforces on connections (ztunnel's
-RBAC over the workload API's `Authorization`), `l7` what the waypoint evaluates per request."""
+"""Istio's AuthorizationPolicy: `policy` reads one into the model both enforcement points share;
+`l4` lowers it to what the node agent enforces on connections (ztunnel's RBAC over the
+workload API's `Authorization`) and decides connections; `waypoint` picks the policies attached
+by `targetRefs` and `l7` decides the waypoint's requests."""

@@ -1,4 +1,14 @@
-"""L4 authorization: does a policy set allow one inbound connection? Pure functions, no I/O.
+"""L4 authorization: the node agent's form of an AuthorizationPolicy (`lower`, from the one
+model `ztagent.istio.authorization.policy` reads, to ztunnel's workload-API `Authorization`) and
+whether a policy set allows one inbound connection (`evaluate`). Pure functions, no I/O.
+
+Lowering follows istiod's ambient translation: scope GLOBAL (root namespace, no selector),
+NAMESPACE (no selector) or WORKLOAD_SELECTOR (listed by the selected workloads). Attributes a
+connection does not carry (HTTP methods, paths, hosts, request principals, remote IPs, trust
+domains, HTTP `when` keys) fail closed: an ALLOW rule using them is dropped, a DENY rule keeps
+only its L4 part (a DENY rule left with nothing to match denies everything in scope, as Istio
+does for TCP traffic). Policies with `targetRefs` belong to waypoints and AUDIT/CUSTOM ones are
+not enforced by the node agent: `not_enforced` says why.
 
 The decision follows Istio's AuthorizationPolicy order, as ztunnel enforces it:
   1. any matching DENY policy (not dry-run) denies;
@@ -23,10 +33,13 @@ catches exactly the identity-less connections.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
+from ztagent.fields import Invalid, at, show
 from ztagent.identity.spiffe import Identity
+from ztagent.istio.authorization import policy as model
 from ztagent.model.policy import (
     Action,
     Authorization,
@@ -38,10 +51,10 @@ from ztagent.model.policy import (
     StringMatch,
 )
 from ztagent.model.workload import IPAddress
+from ztagent.names import DEFAULT_ROOT_NAMESPACE
 
 STATIC_STRICT_POLICY_NAME = "istio_converted_static_strict"
 """istiod's name for the policy that expresses an effective PeerAuthentication STRICT."""
-DEFAULT_ROOT_NAMESPACE = "istio-system"
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,3 +207,164 @@ def strict_peer_authentication(
         rules=(Rule(tuple(clauses)),),
         dry_run=dry_run,
     )
+
+
+# --- lowering an AuthorizationPolicy -----------------------------------------------------------
+
+_SOURCE_UNSEEN = (
+    "requestPrincipals",
+    "notRequestPrincipals",
+    "remoteIpBlocks",
+    "notRemoteIpBlocks",
+    "trustDomains",
+    "notTrustDomains",
+)
+_OPERATION_UNSEEN = ("hosts", "notHosts", "methods", "notMethods", "paths", "notPaths")
+_CONDITION_FIELDS: dict[model.Attribute, str] = {
+    model.Attribute.SOURCE_IP: "source_ips",
+    model.Attribute.DESTINATION_IP: "destination_ips",
+    model.Attribute.DESTINATION_PORT: "destination_ports",
+    model.Attribute.SOURCE_SERVICE_ACCOUNT: "service_accounts",
+    model.Attribute.SOURCE_NAMESPACE: "namespaces",
+    model.Attribute.SOURCE_PRINCIPAL: "principals",
+}
+"""The `when` keys a connection carries, and the `Match` field each becomes."""
+_WHEN_OTHER_EXACT = ("source.trustDomain",)
+_WHEN_OTHER_PREFIX = ("request.headers[", "request.auth.claims[")
+"""Keys Istio knows that the model keeps without an attribute (see `_istio_key`)."""
+
+_E = TypeVar("_E", model.Source, model.Operation)
+
+
+@dataclass(frozen=True, slots=True)
+class Lowered:
+    """An AuthorizationPolicy as the node agent enforces it, with notes `(path, reason)` on
+    what it could not keep."""
+
+    authorization: Authorization
+    notes: tuple[tuple[str, str], ...] = field(default_factory=tuple)
+
+
+def not_enforced(policy: model.AuthorizationPolicy) -> tuple[str, str] | None:
+    """`(path, reason)` when `policy` is not the node agent's to enforce, else None."""
+    if policy.targets:
+        return "spec.targetRefs", "attached to a waypoint by targetRefs; not for the node agent"
+    if policy.action in (model.Action.AUDIT, model.Action.CUSTOM):
+        return "spec.action", f"{policy.action.value} policies are not enforced by the node agent"
+    return None
+
+
+def _source_match(source: model.Source) -> Match:
+    return Match(
+        principals=source.principals,
+        not_principals=source.not_principals,
+        namespaces=source.namespaces,
+        not_namespaces=source.not_namespaces,
+        source_ips=source.ip_blocks,
+        not_source_ips=source.not_ip_blocks,
+        service_accounts=source.service_accounts,
+        not_service_accounts=source.not_service_accounts,
+    )
+
+
+def _operation_match(operation: model.Operation) -> Match:
+    return Match(destination_ports=operation.ports, not_destination_ports=operation.not_ports)
+
+
+def _istio_key(key: str) -> bool:
+    """A `when` key Istio knows that the waypoint does not evaluate (`source.trustDomain`,
+    `request.headers[...]` and `request.auth.claims[...]` of any shape, the
+    `experimental.envoy.filters.*` keys)."""
+    return (
+        key in _WHEN_OTHER_EXACT
+        or (key.startswith(_WHEN_OTHER_PREFIX) and key.endswith("]"))
+        or key.startswith("experimental.envoy.filters.")
+    )
+
+
+def _lower_rule(rule: model.PolicyRule, path: str, action: Action) -> tuple[Rule | None, list[str]]:
+    """One rule as `Clause`s; None when an ALLOW rule is dropped for what L4 cannot see."""
+    clauses: list[Clause] = []
+    unseen: list[str] = []
+
+    def entries(
+        items: tuple[_E, ...],
+        where: str,
+        spelled: Mapping[str, str],
+        names: tuple[str, ...],
+        to_match: Callable[[_E], Match],
+    ) -> None:
+        """`from` or `to`: one clause ORing its entries; an entry with only unseen fields
+        matches everything at L4, and so then does the clause (it is left out)."""
+        matches = []
+        for item in items:
+            unseen.extend(where + name for name in names if getattr(item, spelled[name]))
+            matches.append(to_match(item))
+        if all(not match.is_empty for match in matches):
+            clauses.append(Clause(tuple(matches)))
+
+    if rule.sources is not None:
+        entries(rule.sources, "from.source.", model.SOURCE_FIELDS, _SOURCE_UNSEEN, _source_match)
+    if rule.operations is not None:
+        entries(
+            rule.operations,
+            "to.operation.",
+            model.OPERATION_FIELDS,
+            _OPERATION_UNSEEN,
+            _operation_match,
+        )
+    for c, condition in enumerate(rule.conditions):
+        name = _CONDITION_FIELDS.get(condition.attribute) if condition.attribute else None
+        if name is None:
+            if condition.attribute is None and not _istio_key(condition.key):
+                key_path = at(at(at(path, "when"), c), "key")
+                raise Invalid(key_path, f"{show(condition.key)} is not a known attribute")
+            unseen.append(f"when {condition.key}")
+            continue
+        fields_: dict[str, Any] = {name: condition.values}
+        if condition.not_values:
+            fields_["not_" + name] = condition.not_values
+        clauses.append(Clause((Match(**fields_),)))
+    if unseen and action is Action.ALLOW:
+        return None, unseen
+    return Rule(tuple(clauses)), unseen
+
+
+def lower(
+    policy: model.AuthorizationPolicy, *, root_namespace: str = DEFAULT_ROOT_NAMESPACE
+) -> Lowered:
+    """An ALLOW or DENY policy without `targetRefs` (see `not_enforced`) as ztunnel's
+    `Authorization`, with a note for each rule enforced differently from how it is written."""
+    action = Action.ALLOW if policy.action is model.Action.ALLOW else Action.DENY
+    rules: list[Rule] = []
+    notes: list[tuple[str, str]] = []
+    for i, item in enumerate(policy.rules):
+        rule, unseen = _lower_rule(item, at("spec.rules", i), action)
+        if unseen:
+            found = ", ".join(sorted(set(unseen)))
+            if rule is None:
+                reason = f"ALLOW rule dropped: the node agent cannot check {found} (use a waypoint)"
+            elif not rule.clauses:
+                reason = f"DENY rule enforced without {found}: it now denies all traffic in scope"
+            else:
+                reason = f"DENY rule enforced without {found} (more restrictive than written)"
+            notes.append((at("spec.rules", i), reason))
+        if rule is not None:
+            rules.append(rule)
+    if not policy.rules and action is Action.DENY:
+        notes.append(("spec.rules", "a DENY policy without rules denies nothing"))
+    if policy.selector is not None:
+        scope = Scope.WORKLOAD_SELECTOR
+    elif policy.namespace == root_namespace:
+        scope = Scope.GLOBAL
+    else:
+        scope = Scope.NAMESPACE
+    authorization = Authorization(
+        name=policy.name,
+        namespace=policy.namespace,
+        scope=scope,
+        action=action,
+        rules=tuple(rules),
+        dry_run=policy.dry_run,
+    )
+    return Lowered(authorization, tuple(notes))

@@ -49,7 +49,7 @@ kube/gateway conversion.go) and Envoy:
   backends all weigh 0 answers 500.
 - Durations in VirtualService are Go durations ("1s", "0.5s", "100ms", "1m30s": istiod reads
   them with time.ParseDuration) of at least 1 ms and whole milliseconds
-  (`ztagent.model.fields.duration`); HTTPRoute durations use the Gateway API form ("10s",
+  (`ztagent.fields.duration`); HTTPRoute durations use the Gateway API form ("10s",
   "500ms", "1h30m"; `fields.gateway_duration`), "0s" meaning no timeout.
 - Regular expressions have RE2 syntax; they are translated for Python's `re` and constructs
   RE2 lacks (backreferences, lookaround, atomic groups, possessive quantifiers) are rejected.

@@ -12,6 +12,16 @@ from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from typing import Any
 
+from ztagent.fields import Invalid, show
+from ztagent.fields import at as _at
+from ztagent.fields import gateway_duration as _gateway_duration
+from ztagent.fields import integer as _int
+from ztagent.fields import mapping as _map
+from ztagent.fields import only as _only
+from ztagent.fields import port as _port
+from ztagent.fields import sequence as _list
+from ztagent.fields import string as _str
+from ztagent.fields import strings as _strings
 from ztagent.istio.envelope import Resource
 from ztagent.istio.resilience import DEFAULT_RETRY_POLICY, RetryPolicy
 from ztagent.istio.routing.actions import (
@@ -32,16 +42,6 @@ from ztagent.istio.routing.reader import header_name as _header_name
 from ztagent.istio.routing.reader import header_value as _header_value
 from ztagent.istio.routing.reader import regex as _regex
 from ztagent.istio.routing.table import HTTPRouteRoutes, ParentRef, Route
-from ztagent.model.fields import Invalid, show
-from ztagent.model.fields import at as _at
-from ztagent.model.fields import gateway_duration as _gateway_duration
-from ztagent.model.fields import integer as _int
-from ztagent.model.fields import mapping as _map
-from ztagent.model.fields import only as _only
-from ztagent.model.fields import port as _port
-from ztagent.model.fields import sequence as _list
-from ztagent.model.fields import string as _str
-from ztagent.model.fields import strings as _strings
 
 MAX_HTTPROUTE_WEIGHT = 1_000_000
 """Gateway API's maximum backendRef weight (HTTPBackendRef `weight`, 0-1000000)."""

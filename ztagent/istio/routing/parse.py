@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 
+from ztagent.fields import Invalid, show
 from ztagent.istio.envelope import Resource, ResourceError
 from ztagent.istio.routing.httproute import read_http_route
 from ztagent.istio.routing.reader import Reader, created_at
@@ -18,7 +19,6 @@ from ztagent.istio.routing.table import (
     VirtualServiceRoutes,
 )
 from ztagent.istio.routing.virtualservice import read_virtual_service
-from ztagent.model.fields import Invalid, show
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """What reading a VirtualService and an HTTPRoute share: the per-resource state (`Reader`:
 notes, short-name resolution, route sources), the creation timestamp, RE2 and header-name
-fields. Every other field reader is the shared one in `ztagent.model.fields`."""
+fields. Every other field reader is the shared one in `ztagent.fields`."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from ztagent.fields import Invalid, kube_type_name, mapping, show, string
 from ztagent.istio.envelope import Resource
-from ztagent.istio.names import qualify_host, service_hostname
 from ztagent.istio.routing.re2 import compile_re2
 from ztagent.istio.routing.table import RouteOptions, RouteSource
-from ztagent.model.fields import Invalid, kube_type_name, mapping, show, string
+from ztagent.names import qualify_host, service_hostname
 
 
 @dataclass(slots=True)

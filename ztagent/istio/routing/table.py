@@ -10,7 +10,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 from ztagent.istio.envelope import ResourceError
-from ztagent.istio.names import DEFAULT_DOMAIN_SUFFIX, service_hostname
 from ztagent.istio.resilience import DEFAULT_RETRY_POLICY, FaultPolicy, RetryPolicy
 from ztagent.istio.routing.actions import (
     NO_HEADER_OPS,
@@ -25,6 +24,7 @@ from ztagent.istio.routing.actions import (
 )
 from ztagent.istio.routing.match import MATCH_ALL, MatchKind, RequestMatch
 from ztagent.istio.routing.request import Headers, Request
+from ztagent.names import DEFAULT_DOMAIN_SUFFIX, service_hostname
 
 VIRTUAL_SERVICE = "VirtualService"
 HTTP_ROUTE = "HTTPRoute"

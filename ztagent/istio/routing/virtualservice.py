@@ -16,6 +16,18 @@ from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
+from ztagent.fields import Invalid, show
+from ztagent.fields import at as _at
+from ztagent.fields import boolean as _bool
+from ztagent.fields import duration as _duration
+from ztagent.fields import integer as _int
+from ztagent.fields import mapping as _map
+from ztagent.fields import number as _number
+from ztagent.fields import only as _only
+from ztagent.fields import port as _port
+from ztagent.fields import sequence as _list
+from ztagent.fields import string as _str
+from ztagent.fields import strings as _strings
 from ztagent.istio.envelope import Resource
 from ztagent.istio.resilience import (
     DEFAULT_RETRY_POLICY,
@@ -49,18 +61,6 @@ from ztagent.istio.routing.reader import header_name as _header_name
 from ztagent.istio.routing.reader import header_value as _header_value
 from ztagent.istio.routing.reader import regex as _regex
 from ztagent.istio.routing.table import Route, VirtualServiceRoutes
-from ztagent.model.fields import Invalid, show
-from ztagent.model.fields import at as _at
-from ztagent.model.fields import boolean as _bool
-from ztagent.model.fields import duration as _duration
-from ztagent.model.fields import integer as _int
-from ztagent.model.fields import mapping as _map
-from ztagent.model.fields import number as _number
-from ztagent.model.fields import only as _only
-from ztagent.model.fields import port as _port
-from ztagent.model.fields import sequence as _list
-from ztagent.model.fields import string as _str
-from ztagent.model.fields import strings as _strings
 
 MESH_GATEWAY = "mesh"
 MAX_DIRECT_RESPONSE_BYTES = 1024 * 1024

@@ -7,7 +7,7 @@ from fractions import Fraction
 
 import pytest
 
-from ztagent.model.fields import (
+from ztagent.fields import (
     Invalid,
     boolean,
     cidr,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ztagent.istio.names import (
+from ztagent.names import (
     AGENT_PORTS,
     DEFAULT_DOMAIN_SUFFIX,
     HBONE_PORT,
