@@ -15,7 +15,6 @@ from ztagent.identity.spiffe import Identity
 from ztagent.istio.authorization.l7 import (
     DENIED_BODY,
     DENIED_STATUS,
-    Headers,
     RequestAuth,
     RequestContext,
     evaluate,
@@ -28,6 +27,7 @@ from ztagent.istio.authorization.waypoint import (
     read_authorization_policies,
 )
 from ztagent.istio.envelope import Resource
+from ztagent.istio.routing import Headers
 
 ip = ipaddress.ip_address
 WAYPOINT = {"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": "waypoint"}

@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
-from ztagent.istio.authorization.l7 import Headers, RequestContext, evaluate
+from ztagent.istio.authorization.l7 import RequestContext, evaluate
 from ztagent.istio.authorization.waypoint import parse_authorization_policy
 from ztagent.istio.envelope import Resource
 from ztagent.istio.jwt import (
@@ -26,6 +26,7 @@ from ztagent.istio.jwt import (
     parse_request_authentication,
     read_request_authentications,
 )
+from ztagent.istio.routing import Headers
 
 NOW = 1_700_000_000
 ISSUER = "https://issuer.example.com"

@@ -601,7 +601,7 @@ class Pipeline:
                     path=path,
                     host=head.authority,
                     destination_port=port,
-                    headers=l7.Headers.of(headers),
+                    headers=Headers.of(headers),
                     source_identity=down.peer_identity,
                     source_ip=_ip(down.client_ip),
                     destination_ip=_ip(down.target[0]),

@@ -70,6 +70,7 @@ from ztagent.istio.authorization.policy import (
     TargetRef,
 )
 from ztagent.istio.gateway import WAYPOINT_CLASS
+from ztagent.istio.routing.request import Headers
 from ztagent.model.policy import CidrMatch, ServiceAccountMatch, StringMatch, StringMatchKind
 from ztagent.model.workload import IPAddress
 from ztagent.names import DEFAULT_ROOT_NAMESPACE
@@ -79,29 +80,6 @@ DENIED_BODY = b"RBAC: access denied"
 
 
 # --- request side ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Headers:
-    """Request headers by lower-case name, each with its values in arrival order."""
-
-    values: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
-
-    @classmethod
-    def of(cls, pairs: Iterable[tuple[str, str]] | Mapping[str, str]) -> Headers:
-        items = pairs.items() if isinstance(pairs, Mapping) else pairs
-        merged: dict[str, list[str]] = {}
-        for name, value in items:
-            merged.setdefault(name.lower(), []).append(value)
-        return cls({name: tuple(values) for name, values in merged.items()})
-
-    def get_all(self, name: str) -> tuple[str, ...]:
-        return self.values.get(name.lower(), ())
-
-    def joined(self, name: str) -> str | None:
-        """All values of `name` joined with `,` (how Envoy matches a repeated header)."""
-        values = self.get_all(name)
-        return ",".join(values) if values else None
 
 
 @dataclass(frozen=True, slots=True)
