@@ -17,8 +17,9 @@ from typing import Any
 from ztagent.errors import LocalError
 from ztagent.hbone.frames import format_authority, parse_authority
 from ztagent.identity.spiffe import Identity
+from ztagent.names import ADMIN_PORT
 
-DEFAULT_ADMIN_ADDR = "127.0.0.1:15000"
+DEFAULT_ADMIN_ADDR = f"127.0.0.1:{ADMIN_PORT}"
 TIMEOUT = 5.0
 MAX_DUMP_BYTES = 256 * 1024 * 1024
 SECTIONS = ("workloads", "services", "policies", "certificates")

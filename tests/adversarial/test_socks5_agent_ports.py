@@ -8,8 +8,8 @@ from collections.abc import Callable
 import pytest
 
 from tests.adversarial._socks5_harness import ask, request_v4, request_v6, socks5_listener
+from ztagent.names import AGENT_PORTS
 from ztagent.socks5.handshake import Reply
-from ztagent.socks5.listener import AGENT_PORTS
 
 pytestmark = pytest.mark.integration
 

@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 
 from ztagent.lab.topology import (
-    HBONE_PORT,
     LABEL_DATAPLANE_MODE,
     LABEL_GATEWAY_NAME,
     LABEL_USE_WAYPOINT,
@@ -17,6 +16,7 @@ from ztagent.lab.topology import (
     Settings,
     make_plan,
 )
+from ztagent.names import HBONE_PORT
 
 
 def plan(prefix: str = "ztlab-") -> Plan:

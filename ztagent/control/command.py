@@ -11,7 +11,12 @@ from pathlib import Path
 from ztagent.control.translate import DEFAULT_CLUSTER_ID
 from ztagent.errors import LocalError
 from ztagent.identity.spiffe import DEFAULT_TRUST_DOMAIN
-from ztagent.names import DEFAULT_DOMAIN_SUFFIX, DEFAULT_ROOT_NAMESPACE
+from ztagent.names import (
+    CONTROL_MONITORING_PORT,
+    CONTROL_PORT,
+    DEFAULT_DOMAIN_SUFFIX,
+    DEFAULT_ROOT_NAMESPACE,
+)
 
 DEFAULT_CA_DIR = "/var/lib/ztagent/control-ca"
 DEFAULT_TRUSTED_NODE_AGENTS = "istio-system/ztunnel,ztagent-system/ztagent"
@@ -42,11 +47,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="watch the Kubernetes API (in-cluster config, else $KUBECONFIG)",
     )
     parser.add_argument(
-        "--listen", default="0.0.0.0:15012", metavar="HOST:PORT", help="gRPC (default %(default)s)"
+        "--listen",
+        default=f"0.0.0.0:{CONTROL_PORT}",
+        metavar="HOST:PORT",
+        help="gRPC (default %(default)s)",
     )
     parser.add_argument(
         "--admin",
-        default="127.0.0.1:15014",
+        default=f"127.0.0.1:{CONTROL_MONITORING_PORT}",
         metavar="HOST:PORT",
         help="monitoring HTTP (default %(default)s)",
     )

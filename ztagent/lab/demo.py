@@ -32,7 +32,7 @@ from ztagent.lab import apps, netns, state, waypoint_demo
 from ztagent.lab.configdir import write_resources
 from ztagent.lab.probes import http_get
 from ztagent.lab.report import Result, say
-from ztagent.lab.topology import HBONE_PORT, LabError, Plan, Pod
+from ztagent.lab.topology import LabError, Plan, Pod
 from ztagent.lab.traffic import CallError, call
 from ztagent.lab.underlay import (
     CAPTURE_MAX_SECONDS,
@@ -41,6 +41,7 @@ from ztagent.lab.underlay import (
     reassemble,
     tls_walk,
 )
+from ztagent.names import HBONE_PORT
 
 TRANSFER_BYTES = 1024 * 1024
 POLICY_NAME = "lab-deny-sleep"

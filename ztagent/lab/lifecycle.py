@@ -27,7 +27,8 @@ from ztagent.lab.processes import (
 )
 from ztagent.lab.report import say
 from ztagent.lab.status import print_status
-from ztagent.lab.topology import GATEWAY, HBONE_PORT, LabError, Plan
+from ztagent.lab.topology import GATEWAY, LabError, Plan
+from ztagent.names import HBONE_PORT
 
 
 def up(plan: Plan) -> int:

@@ -23,7 +23,6 @@ from ztagent.lab.topology import (
     APP_PORT,
     ENROLLED_NAMESPACE,
     GRPC_PORT,
-    HBONE_PORT,
     LABEL_DATAPLANE_MODE,
     LABEL_WAYPOINT_FOR,
     LEGACY_NAMESPACE,
@@ -32,6 +31,7 @@ from ztagent.lab.topology import (
     Plan,
     Pod,
 )
+from ztagent.names import HBONE_PORT
 
 Document = dict[str, Any]
 

@@ -8,7 +8,8 @@ from typing import Any
 
 from ztagent.lab import netns, state
 from ztagent.lab.probes import control_dump, control_ready, readiness, waypoint_readiness
-from ztagent.lab.topology import HBONE_PORT, WAYPOINT_NAME, LabError, Plan
+from ztagent.lab.topology import WAYPOINT_NAME, LabError, Plan
+from ztagent.names import HBONE_PORT
 
 
 def _table(rows: list[list[str]]) -> str:

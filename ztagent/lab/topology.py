@@ -20,6 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ztagent.errors import LocalError
+from ztagent.names import (
+    ADMIN_PORT,
+    CONTROL_MONITORING_PORT,
+    CONTROL_PORT,
+    HBONE_PORT,
+    READINESS_PORT,
+    STATS_PORT,
+)
 
 DEFAULT_PREFIX = "ztlab-"
 DEFAULT_POD_CIDR = "10.244.0.0/16"
@@ -38,12 +46,8 @@ LABEL_GATEWAY_NAME = "gateway.networking.k8s.io/gateway-name"
 LABEL_DATAPLANE_MODE = "istio.io/dataplane-mode"
 LABEL_USE_WAYPOINT = "istio.io/use-waypoint"
 LABEL_WAYPOINT_FOR = "istio.io/waypoint-for"
-ADMIN_PORT = 15000
-METRICS_PORT = 15020
-READINESS_PORT = 15021
-HBONE_PORT = 15008
-CONTROL_PORT = 15012
-CONTROL_ADMIN_PORT = 15014
+METRICS_PORT = STATS_PORT
+CONTROL_ADMIN_PORT = CONTROL_MONITORING_PORT
 AGENT_NAMESPACE = "ztagent-system"
 AGENT_SERVICE_ACCOUNT = "ztagent"
 MAX_IFNAME = 15

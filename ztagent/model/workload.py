@@ -16,11 +16,12 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from ztagent.identity.spiffe import DEFAULT_TRUST_DOMAIN, Identity
+from ztagent.names import HBONE_PORT
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 """One workload or VIP address; Istio carries these as 4 or 16 raw bytes."""
 
-HBONE_MTLS_PORT = 15008
+HBONE_MTLS_PORT = HBONE_PORT
 DEFAULT_SERVICE_ACCOUNT = "default"
 
 PortMap = Mapping[int, int]

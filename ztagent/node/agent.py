@@ -36,6 +36,7 @@ from ztagent.model.snapshot import ConfigSnapshot
 from ztagent.model.store import ProxyState, StateChange
 from ztagent.model.watch import ConfigWatcher
 from ztagent.model.workload import TunnelProtocol, Workload
+from ztagent.names import HBONE_PORT
 from ztagent.node import handover, inbound, outbound
 from ztagent.node.dump import CertificateStatus, config_dump
 from ztagent.node.inbound import PLAINTEXT_PORT, InboundRefused
@@ -65,7 +66,6 @@ from ztagent.xds.connection import ControlPlaneConnection, node_identity
 
 log = logging.getLogger(__name__)
 
-HBONE_PORT = 15008
 # Accept queue of every listener, as tokio's TcpListener::bind (ztunnel's) sets it: 1024. Pass
 # it to create_server too, which listens again on a given socket (with 100 by default).
 LISTEN_BACKLOG = 1024

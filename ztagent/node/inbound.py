@@ -15,11 +15,12 @@ from ztagent.hbone.server import InboundRequest
 from ztagent.istio.authorization.l4 import ConnectionAttributes, Verdict, evaluate
 from ztagent.model.store import ProxyState
 from ztagent.model.workload import Workload
+from ztagent.names import INBOUND_PLAINTEXT_PORT
 from ztagent.telemetry.accesslog import ConnectionRecord
 from ztagent.telemetry.metrics import ConnectionLabels, ResponseFlags, connection_labels
 
 # The plaintext inbound port when listened on a workload's IP (not captured).
-PLAINTEXT_PORT = 15006
+PLAINTEXT_PORT = INBOUND_PLAINTEXT_PORT
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from ztagent.identity.spiffe import Identity
 from ztagent.model.store import ProxyState
 from ztagent.model.workload import GatewayAddress, Service, TunnelProtocol, Workload
+from ztagent.names import HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT, SOCKS5_PORT
 
 # The agent's own ports are never a destination (a connection to them would loop).
-RESERVED_PORTS = frozenset({15001, 15006, 15008, 15080})
-HBONE_PORT = 15008
+RESERVED_PORTS = frozenset({OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, HBONE_PORT, SOCKS5_PORT})
 
 
 class RouteKind(enum.Enum):

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from ztagent.names import HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT
 from ztagent.redirect import checks
 from ztagent.redirect.errors import CaptureError, ClsactUnsupportedError, FilterConflictError
 
@@ -73,10 +74,10 @@ def _errno(exc: BaseException) -> int | None:
 class Listeners:
     """Where the agent listens; `address` 0.0.0.0 means a wildcard bind."""
 
-    outbound: int = 15001
-    inbound: int = 15008
-    plaintext: int = 15006
-    hbone_port: int = 15008  # inbound SYNs to this port go to `inbound`
+    outbound: int = OUTBOUND_PORT
+    inbound: int = HBONE_PORT
+    plaintext: int = INBOUND_PLAINTEXT_PORT
+    hbone_port: int = HBONE_PORT  # inbound SYNs to this port go to `inbound`
     address: str = "0.0.0.0"
 
 

@@ -17,6 +17,10 @@ from collections.abc import Callable
 from typing import cast
 
 from ztagent.hbone.connection import ResponseHook
+
+# The agent's own ports (`names.AGENT_PORTS`) are never a SOCKS5 destination on one of this
+# host's addresses, or a local workload could drive the agent itself (`/quitquitquit` on 15000).
+from ztagent.names import AGENT_PORTS
 from ztagent.socks5.handshake import ConnectRequested, Failed, NeedMore, Reply, Socks5Handshake
 
 # The reply for a `Reply` code and the bound address (None: 0.0.0.0:0).
@@ -60,11 +64,6 @@ class HandshakeSlots:
 
 # Shared by every listener that is not given its own.
 DEFAULT_SLOTS = HandshakeSlots()
-
-# The agent's own ports (REFERENCE: ports of the node agent; 15090 is Envoy's and Istio's
-# Prometheus port): never a SOCKS5 destination on one of this host's addresses, or a local
-# workload could drive the agent itself (`/quitquitquit` on the admin port 15000).
-AGENT_PORTS = frozenset({15000, 15001, 15006, 15008, 15020, 15021, 15053, 15080, 15090})
 
 
 def is_own_address(ip: str) -> bool:

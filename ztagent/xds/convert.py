@@ -21,7 +21,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any, TypeVar
 
 from ztagent.fields import Invalid, join
-from ztagent.identity.spiffe import Identity, InvalidIdentity
+from ztagent.identity.spiffe import DEFAULT_TRUST_DOMAIN, Identity, InvalidIdentity
 from ztagent.model.policy import (
     Action,
     Authorization,
@@ -284,7 +284,7 @@ def workload_from_proto(message: workload_pb.Workload) -> Workload:
         ),
         network=message.network,
         tunnel_protocol=_enum(message.tunnel_protocol, _TUNNEL_BACK, "tunnel_protocol"),
-        trust_domain=message.trust_domain or "cluster.local",
+        trust_domain=message.trust_domain or DEFAULT_TRUST_DOMAIN,
         service_account=message.service_account or "default",
         waypoint=_gateway(message.waypoint, "waypoint") if message.HasField("waypoint") else None,
         network_gateway=(
