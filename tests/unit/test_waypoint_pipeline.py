@@ -26,28 +26,30 @@ from ztagent.model.store import ProxyState
 from ztagent.model.workload import NetworkAddress, Service, TunnelProtocol, Workload
 from ztagent.telemetry.tracing import start_span
 from ztagent.waypoint.cluster import UpstreamKey
-from ztagent.waypoint.config import build_config
-from ztagent.waypoint.pipeline import (
-    DELIVER,
-    DELIVER_RETRY_LIMIT,
+from ztagent.waypoint.commands import (
     NO_HEALTHY_UPSTREAM,
     UPSTREAM_RESET,
     UPSTREAM_TIMEOUT,
-    Attempt,
-    AttemptError,
     Delay,
-    Deliver,
     Downstream,
     Forward,
     ForwardToWorkload,
-    Pipeline,
     Refuse,
     Respond,
-    RetryAfter,
-    RetryState,
     Step,
     grpc_status,
     with_request_id,
+)
+from ztagent.waypoint.config import build_config
+from ztagent.waypoint.pipeline import Pipeline
+from ztagent.waypoint.retry import (
+    DELIVER,
+    DELIVER_RETRY_LIMIT,
+    Attempt,
+    AttemptError,
+    Deliver,
+    RetryAfter,
+    RetryState,
 )
 
 NS = "shop"

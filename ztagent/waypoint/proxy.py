@@ -39,30 +39,27 @@ from ztagent.telemetry.metrics import peer_labels
 from ztagent.telemetry.requests import RequestLabels, RequestMetrics
 from ztagent.telemetry.tracing import OtlpExporter, Span, ensure_request_id, start_span
 from ztagent.waypoint.cluster import UpstreamKey
-from ztagent.waypoint.config import WaypointConfig
-from ztagent.waypoint.pipe import leg_streams
-from ztagent.waypoint.pipeline import (
+from ztagent.waypoint.commands import (
     GRPC_CONTENT_TYPE,
     INTERNAL_ERROR,
     NO_FLAGS,
     REPLAY_LIMIT,
     RESPONSE_BODY_RESET,
-    Attempt,
-    AttemptError,
     Delay,
-    Deliver,
     Downstream,
     Forward,
     ForwardToWorkload,
     Mirror,
-    Pipeline,
     Refuse,
     Respond,
-    RetryState,
     replayable,
     with_request_id,
 )
-from ztagent.waypoint.pipeline import grpc_status as response_grpc_status
+from ztagent.waypoint.commands import grpc_status as response_grpc_status
+from ztagent.waypoint.config import WaypointConfig
+from ztagent.waypoint.pipe import leg_streams
+from ztagent.waypoint.pipeline import Pipeline
+from ztagent.waypoint.retry import Attempt, AttemptError, Deliver, RetryState
 from ztagent.waypoint.upstream import (
     UpstreamConnectError,
     UpstreamOverflow,
