@@ -42,7 +42,7 @@ from ztagent.hbone.server import Allow, Deny, HboneServer, InboundRequest
 from ztagent.hbone.tls import PeerRejected, TlsConfig
 from ztagent.identity.ca import CertificateAuthority
 from ztagent.identity.certs import WorkloadCertificate
-from ztagent.identity.spiffe import Identity
+from ztagent.identity.spiffe import DEFAULT_TRUST_DOMAIN, Identity
 
 CLIENT_ID = Identity.parse("spiffe://cluster.local/ns/demo/sa/client")
 SERVER_ID = Identity.parse("spiffe://cluster.local/ns/demo/sa/server")
@@ -263,7 +263,7 @@ class Demo:
 
     async def step_ca(self) -> Result:
         """CA and identities"""
-        self.ca = CertificateAuthority.create(self.workdir / "ca", "cluster.local")
+        self.ca = CertificateAuthority.create(self.workdir / "ca", DEFAULT_TRUST_DOMAIN)
         self.client_cert, self.server_cert = self.ca.issue(CLIENT_ID), self.ca.issue(SERVER_ID)
         details = []
         for name, cert in (("client", self.client_cert), ("server", self.server_cert)):
@@ -353,7 +353,7 @@ class Demo:
 
     async def step_trust(self) -> Result:
         """trust roots"""
-        other = CertificateAuthority.create(self.workdir / "other-ca", "cluster.local")
+        other = CertificateAuthority.create(self.workdir / "other-ca", DEFAULT_TRUST_DOMAIN)
         # The same SPIFFE id, trusting our server, but signed by a CA our server does not know.
         cert = dataclasses.replace(other.issue(CLIENT_ID), roots_pem=self.ca.roots_pem)
         client = HboneClient(TlsConfig(cert))

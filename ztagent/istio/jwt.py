@@ -49,7 +49,7 @@ from typing import Any
 import jwt as pyjwt
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from ztagent.fields import Invalid, show, type_name
+from ztagent.fields import Invalid, boolean, show
 from ztagent.fields import at as _at
 from ztagent.fields import mapping as _map
 from ztagent.fields import only as _only
@@ -307,14 +307,6 @@ class RequestAuthentication:
         return replace(self, rules=tuple(rules))
 
 
-def _bool(value: object, path: str) -> bool:
-    if value is None:
-        return False
-    if not isinstance(value, bool):
-        raise Invalid(path, f"must be a boolean, got {type_name(value)}")
-    return value
-
-
 def _header_name(value: object, path: str) -> str:
     name = _str(value, path)
     if not _HEADER_NAME.fullmatch(name):
@@ -398,7 +390,7 @@ def _jwt_rule(value: object, path: str) -> tuple[JwtRule, list[tuple[str, str]]]
         from_headers=tuple(headers),
         from_params=tuple(_strings(data.get("fromParams"), _at(path, "fromParams"))),
         from_cookies=tuple(_strings(data.get("fromCookies"), _at(path, "fromCookies"))),
-        forward_original_token=_bool(
+        forward_original_token=boolean(
             data.get("forwardOriginalToken"), _at(path, "forwardOriginalToken")
         ),
         output_payload_to_header=payload_header,

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ztagent.errors import LocalError
+from ztagent.identity.spiffe import DEFAULT_TRUST_DOMAIN
 from ztagent.names import (
     ADMIN_PORT,
     CONTROL_MONITORING_PORT,
@@ -27,18 +28,19 @@ from ztagent.names import (
     HBONE_PORT,
     READINESS_PORT,
     STATS_PORT,
+    service_hostname,
 )
 
 DEFAULT_PREFIX = "ztlab-"
 DEFAULT_POD_CIDR = "10.244.0.0/16"
 DEFAULT_UNDERLAY_CIDR = "10.245.0.0/24"
-TRUST_DOMAIN = "cluster.local"
+TRUST_DOMAIN = DEFAULT_TRUST_DOMAIN
 GATEWAY = "169.254.1.1"
 APP_PORT = 8080
 SERVICE_PORT = 80
 ENROLLED_NAMESPACE = "demo"
 LEGACY_NAMESPACE = "legacy"
-SERVICE_HOST = f"echo.{ENROLLED_NAMESPACE}.svc.cluster.local"
+SERVICE_HOST = service_hostname("echo", ENROLLED_NAMESPACE)
 GRPC_PORT = 9090
 WAYPOINT_NAME = "waypoint"
 WAYPOINT_SERVICE_ACCOUNT = "waypoint"
@@ -176,7 +178,7 @@ class LabService:
 
     @property
     def hostname(self) -> str:
-        return f"{self.name}.{self.namespace}.svc.{TRUST_DOMAIN}"
+        return service_hostname(self.name, self.namespace)
 
     def port(self, name: str) -> int:
         for port in self.ports:

@@ -17,6 +17,7 @@ from typing import Any
 
 from ztagent.errors import LocalError
 from ztagent.hbone.frames import parse_authority
+from ztagent.identity.spiffe import DEFAULT_TRUST_DOMAIN
 from ztagent.waypoint.settings import WaypointSettings
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ _FLAGS: list[tuple[str, str, str, str]] = [
     ("--admin-addr", "ADMIN_ADDR", "127.0.0.1:15000", "admin API: /config_dump"),
     ("--metrics-addr", "METRICS_ADDR", "0.0.0.0:15020", "Prometheus metrics: /metrics"),
     ("--readiness-addr", "READINESS_ADDR", "0.0.0.0:15021", "readiness: /healthz/ready"),
-    ("--trust-domain", "TRUST_DOMAIN", "cluster.local", "SPIFFE trust domain"),
+    ("--trust-domain", "TRUST_DOMAIN", DEFAULT_TRUST_DOMAIN, "SPIFFE trust domain"),
     ("--cluster-id", "CLUSTER_ID", "Kubernetes", "cluster name (xDS node, metrics)"),
     ("--secret-ttl", "SECRET_TTL", "24h", "lifetime of the waypoint's certificate"),
     (

@@ -12,6 +12,7 @@ from pathlib import Path
 import grpc
 
 from ztagent.errors import LocalError
+from ztagent.names import namespace_hostname
 from ztagent.xds.gen.envoy.config.core.v3 import base_pb2
 
 DEFAULT_ROOT_CA = "/var/run/secrets/istio/root-cert.pem"
@@ -23,7 +24,7 @@ def node_identity(
 ) -> base_pb2.Node:
     """ztunnel's node: id `ztunnel~<ip>~<pod>.<ns>~<ns>.svc.cluster.local` and its metadata."""
     node = base_pb2.Node(
-        id=f"ztunnel~{instance_ip}~{pod_name}.{pod_namespace}~{pod_namespace}.svc.cluster.local"
+        id=f"ztunnel~{instance_ip}~{pod_name}.{pod_namespace}~{namespace_hostname(pod_namespace)}"
     )
     node.metadata.update(
         {
