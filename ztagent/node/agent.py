@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from ztagent.errors import LocalError, ZtagentError
+from ztagent.fdlimit import refused_counter, serve_guarded
 from ztagent.hbone.client import HboneClient, TunnelRefused
 from ztagent.hbone.connection import TcpLeg
 from ztagent.hbone.frames import format_authority
@@ -64,7 +65,7 @@ log = logging.getLogger(__name__)
 
 HBONE_PORT = 15008
 # Accept queue of every listener, as tokio's TcpListener::bind (ztunnel's) sets it: 1024. Pass
-# it to create_server too, which listens again on a given socket (with 100 by default).
+# it to create_server too (HBONE), which listens again on a given socket (100 by default).
 LISTEN_BACKLOG = 1024
 
 
@@ -89,6 +90,7 @@ class NodeAgent:
             check_all(settings.kernel_headers)
         self.state = ProxyState(settings.node_name, root_namespace=settings.root_namespace)
         self.metrics = Metrics()
+        self._fd_exhausted = refused_counter(self.metrics.registry)
         self.access_log = AccessLog()
         self.readiness = Readiness("config", "certificates")
         self.ca: CertificateAuthority | None = None
@@ -201,31 +203,33 @@ class NodeAgent:
 
     async def _listen(self) -> None:
         s = self.settings
-        loop = asyncio.get_running_loop()
         if isinstance(s.inbound_addr, tuple):
             await self.hbone.listen(*s.inbound_addr, transparent=True)
         if isinstance(s.inbound_plaintext_addr, tuple):
             self._servers.append(
-                await loop.create_server(
+                serve_guarded(
                     self._plain_inbound_protocol,
-                    sock=_listener(s.inbound_plaintext_addr, transparent=True),
-                    backlog=LISTEN_BACKLOG,
+                    _listener(s.inbound_plaintext_addr, transparent=True),
+                    name="inbound_plaintext",
+                    counter=self._fd_exhausted,
                 )
             )
         if isinstance(s.outbound_addr, tuple):
             self._servers.append(
-                await loop.create_server(
+                serve_guarded(
                     lambda: _Captured(self),
-                    sock=_listener(s.outbound_addr, transparent=True),
-                    backlog=LISTEN_BACKLOG,
+                    _listener(s.outbound_addr, transparent=True),
+                    name="outbound",
+                    counter=self._fd_exhausted,
                 )
             )
         if isinstance(s.socks5_addr, tuple):
             self._servers.append(
-                await loop.create_server(
+                serve_guarded(
                     self._socks5_protocol,
-                    sock=_listener(s.socks5_addr, transparent=False),
-                    backlog=LISTEN_BACKLOG,
+                    _listener(s.socks5_addr, transparent=False),
+                    name="socks5",
+                    counter=self._fd_exhausted,
                 )
             )
         await self._bind_workloads()
@@ -373,16 +377,16 @@ class NodeAgent:
             if not self.state.is_waypoint(w)
             for ip in w.addresses
         }
-        loop = asyncio.get_running_loop()
         for ip in sorted(wanted - self._bound_workloads):
             try:
                 if s.inbound_addr == WORKLOADS:
                     await self.hbone.listen(ip, HBONE_PORT)
                 if s.inbound_plaintext_addr == WORKLOADS:
-                    self._plain_servers[ip] = await loop.create_server(
+                    self._plain_servers[ip] = serve_guarded(
                         self._plain_inbound_protocol,
-                        sock=_listener((ip, PLAINTEXT_PORT), False),
-                        backlog=LISTEN_BACKLOG,
+                        _listener((ip, PLAINTEXT_PORT), False),
+                        name="inbound_plaintext",
+                        counter=self._fd_exhausted,
                     )
             except (LocalError, OSError) as exc:
                 log.error("cannot listen for workload %s: %s", ip, exc)

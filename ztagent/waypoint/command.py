@@ -144,7 +144,9 @@ def run(args: argparse.Namespace) -> int:
 
     settings = settings_from_args(args)
     configure_logging(args.log_level, settings.log_format)
+    from ztagent.fdlimit import raise_nofile_limit
 
+    raise_nofile_limit()
     from ztagent.waypoint.server import WaypointServer
 
     async def main() -> int:
