@@ -547,7 +547,7 @@ class NodeAgent:
             duration = time.monotonic() - started
             self.access_log.record(record.finished(sent, received, duration, error))
 
-        relay = PlainRelay(done)
+        relay = PlainRelay(done, half_close_timeout=self.settings.half_close_timeout)
         self.metrics.opened(labels)
         if inbound is not None and workload is not None:
             self._inbound[key] = _Inbound(inbound, workload.uid, relay.abort)

@@ -4,6 +4,12 @@ inbound): two `PlainLeg` protocols joined by a `PlainRelay`.
 Reads go into the shared receive buffer and straight into the other leg's transport; a full
 transport pauses reading on the other side; EOF is passed on as a half-close; the relay ends
 when both directions have ended or either side fails.
+
+A half-closed relay does not wait forever for the other side: a port probe or health check
+that connects and closes leaves an upstream that may never answer its FIN, and each such relay
+would hold two descriptors for good. Once one direction has ended, the other may stay silent
+for at most `HALF_CLOSE_TIMEOUT`; then both sides are closed (bytes still moving reset the
+timer, so a slow response after the client's shutdown(SHUT_WR) still arrives).
 """
 
 from __future__ import annotations
@@ -16,6 +22,10 @@ from typing import cast
 from ztagent.hbone.transport import connect_socket, make_socket, receive_buffer
 
 CONNECT_TIMEOUT = 10.0
+HALF_CLOSE_TIMEOUT = 60.0
+"""Silence allowed in the open direction after the other ended: Linux's tcp_fin_timeout (60 s),
+how long the client's own kernel would wait in FIN_WAIT_2 for a peer ignoring its FIN (HAProxy
+calls the same bound `timeout client-fin` / `timeout server-fin`)."""
 
 
 class PlainLeg(asyncio.BufferedProtocol):
@@ -36,6 +46,7 @@ class PlainLeg(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         self.nbytes += nbytes
+        self.relay.active = True
         peer = self.peer
         if peer is None or peer.transport is None:
             return
@@ -50,6 +61,8 @@ class PlainLeg(asyncio.BufferedProtocol):
             peer.transport.write_eof()
         if peer is None or peer.eof:
             self.relay.finish(None)
+        else:
+            self.relay.half_closed()
         return True
 
     def pause_writing(self) -> None:
@@ -69,9 +82,23 @@ class PlainLeg(asyncio.BufferedProtocol):
 class PlainRelay:
     """Joins a downstream transport the agent accepted with an upstream it connects."""
 
-    __slots__ = ("done", "downstream", "on_done", "started", "upstream")
+    __slots__ = (
+        "active",
+        "done",
+        "downstream",
+        "half_close_timeout",
+        "on_done",
+        "started",
+        "timer",
+        "upstream",
+    )
 
-    def __init__(self, on_done: Callable[[PlainRelay, str | None], None] | None = None) -> None:
+    def __init__(
+        self,
+        on_done: Callable[[PlainRelay, str | None], None] | None = None,
+        *,
+        half_close_timeout: float = HALF_CLOSE_TIMEOUT,
+    ) -> None:
         self.downstream = PlainLeg(self)
         self.upstream = PlainLeg(self)
         self.downstream.peer = self.upstream
@@ -79,6 +106,9 @@ class PlainRelay:
         self.on_done = on_done
         self.done = False
         self.started = time.monotonic()
+        self.half_close_timeout = half_close_timeout
+        self.active = False
+        self.timer: asyncio.TimerHandle | None = None
 
     @property
     def bytes_from_client(self) -> int:
@@ -109,6 +139,12 @@ class PlainRelay:
         except BaseException:
             sock.close()
             raise
+        if downstream.is_closing():
+            # The client went away while the upstream connected: nothing will ever close it.
+            if self.upstream.transport is not None:
+                self.upstream.transport.close()
+            self.finish("client closed before the upstream connected")
+            return
         downstream.set_protocol(self.downstream)
         self.downstream.connection_made(downstream)
         if reply:
@@ -118,6 +154,24 @@ class PlainRelay:
             self.downstream.nbytes += len(held)
             self.upstream.transport.write(held)
         downstream.resume_reading()
+
+    def half_closed(self) -> None:
+        """One direction ended: bound how long the other may stay silent."""
+        if self.timer is None and not self.done:
+            self.active = False
+            loop = asyncio.get_running_loop()
+            self.timer = loop.call_later(self.half_close_timeout, self._half_close_check)
+
+    def _half_close_check(self) -> None:
+        self.timer = None
+        if self.done:
+            return
+        if self.active:
+            self.half_closed()
+            return
+        for leg in (self.downstream, self.upstream):
+            leg.eof = True
+        self.finish(None)
 
     def abort(self, error: str) -> None:
         for leg in (self.downstream, self.upstream):
@@ -131,6 +185,9 @@ class PlainRelay:
         if error is None and not (self.downstream.eof and self.upstream.eof):
             return  # one direction still open
         self.done = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
         for leg in (self.downstream, self.upstream):
             if leg.transport is not None:
                 leg.transport.close()

@@ -40,6 +40,7 @@ class NodeSettings:
     readiness_addr: tuple[str, int] = ("0.0.0.0", 15021)
     deny_unknown: bool = False
     drain_timeout: float = 5.0
+    half_close_timeout: float = 60.0
     capture: bool = False
     uplink: str = "eth0"
     # SO_MARK on the agent's own connections, so capture never steers them back to it.
@@ -144,6 +145,12 @@ _FLAGS: list[tuple[str, str | None, str, str]] = [
         "what to do with connections to addresses not in the mesh: passthrough or deny",
     ),
     ("--drain-timeout", None, "5", "seconds open connections may take to finish on shutdown"),
+    (
+        "--half-close-timeout",
+        None,
+        "60",
+        "seconds a plain relay waits in silence for the other side after one side's FIN",
+    ),
     ("--uplink", None, "eth0", "the node's uplink device, for inbound capture (with --capture)"),
     ("--mark", None, "0x539", "SO_MARK of the agent's own connections (with --capture)"),
     (
@@ -216,8 +223,9 @@ def from_args(args: argparse.Namespace) -> NodeSettings:
         raise LocalError(f"--mark: {v('--mark')!r} is not a number") from None
     try:
         drain = float(v("--drain-timeout"))
+        half_close = float(v("--half-close-timeout"))
     except ValueError:
-        raise LocalError(f"--drain-timeout: {v('--drain-timeout')!r} is not a number") from None
+        raise LocalError("--drain-timeout and --half-close-timeout take numbers") from None
     return NodeSettings(
         local_xds_path=v("--local-xds-path"),
         node_name=v("--node-name"),
@@ -238,6 +246,7 @@ def from_args(args: argparse.Namespace) -> NodeSettings:
         readiness_addr=_address("--readiness-addr", v("--readiness-addr")),
         deny_unknown=v("--unknown-destination") == "deny",
         drain_timeout=drain,
+        half_close_timeout=half_close,
         capture=bool(getattr(args, "capture", False)),
         uplink=v("--uplink"),
         mark=mark,
