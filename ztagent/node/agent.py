@@ -39,7 +39,7 @@ from ztagent.node import inbound, outbound
 from ztagent.node.dump import CertificateStatus, config_dump
 from ztagent.node.inbound import PLAINTEXT_PORT, InboundRefused
 from ztagent.node.outbound import OpenTunnel, OutboundRefused, Relay
-from ztagent.node.relay import PlainRelay
+from ztagent.node.relay import AppLeg, PlainRelay
 from ztagent.node.routing import RoundRobin
 from ztagent.node.settings import WORKLOADS, NodeSettings
 from ztagent.node.xds import CaClient, ControlPlaneConnection, XdsClient, node_identity
@@ -646,7 +646,7 @@ class NodeAgent:
     ) -> None:
         started = time.monotonic()
         labels, record = decision.labels, decision.record
-        leg = TcpLeg()
+        leg = AppLeg()
         leg.held = early
         if reply is not None:
             leg.on_response = tunnel_response(reply)
@@ -661,17 +661,17 @@ class NodeAgent:
             duration = time.monotonic() - started
             self.access_log.record(record.finished(leg.bytes_in, leg.bytes_out, duration, error))
 
+        leg.on_done = done
         try:
             hbone = await self._client_for(decision.source.identity)
-            leg.on_done = done
             await hbone.open(leg, decision.tunnel)
         except TunnelRefused as exc:
             flags = ResponseFlags.DENY if exc.code == 401 else ResponseFlags.CONNECT
             self.metrics.failed(labels.with_response_flags(flags))
+            leg.finished(str(exc))  # once: a no-op when the tunnel already reported it
         except ZtagentError as exc:
             self.metrics.failed(labels.with_response_flags(ResponseFlags.CONNECT))
-            if leg.on_done is None:  # never reached the tunnel: report it here
-                done(leg, str(exc))
+            leg.finished(str(exc))
             if reply is not None and leg.transport is not None:
                 leg.transport.write(reply(Reply.HOST_UNREACHABLE, None))
                 leg.transport.close()

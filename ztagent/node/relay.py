@@ -15,17 +15,46 @@ timer, so a slow response after the client's shutdown(SHUT_WR) still arrives).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
+import struct
 import time
 from collections.abc import Callable
 from typing import cast
 
+from ztagent.hbone.connection import TcpLeg
 from ztagent.hbone.transport import connect_socket, make_socket, receive_buffer
 
 CONNECT_TIMEOUT = 10.0
+_LINGER_RESET = struct.pack("ii", 1, 0)
 HALF_CLOSE_TIMEOUT = 60.0
 """Silence allowed in the open direction after the other ended: Linux's tcp_fin_timeout (60 s),
 how long the client's own kernel would wait in FIN_WAIT_2 for a peer ignoring its FIN (HAProxy
 calls the same bound `timeout client-fin` / `timeout server-fin`)."""
+
+
+def reset_on_close(transport: asyncio.BaseTransport | None) -> None:
+    """SO_LINGER 0: closing `transport` now sends a RST, not a FIN.
+
+    What ztunnel does to the app when its upstream fails: a FIN would tell the app the stream
+    ended cleanly, and a transfer cut short would look complete."""
+    if transport is None or transport.is_closing():
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+
+
+class AppLeg(TcpLeg):
+    """The app's side of an outbound tunnel: when the tunnel fails it is reset, never ended
+    with a FIN (the tunnel code aborts the leg on every failure and closes it on a clean end)."""
+
+    __slots__ = ()
+
+    def abort(self) -> None:
+        reset_on_close(self.transport)
+        super().abort()
 
 
 class PlainLeg(asyncio.BufferedProtocol):
@@ -190,6 +219,8 @@ class PlainRelay:
             self.timer = None
         for leg in (self.downstream, self.upstream):
             if leg.transport is not None:
+                if error is not None:
+                    reset_on_close(leg.transport)  # one side failed: reset the other
                 leg.transport.close()
         if self.on_done is not None:
             callback, self.on_done = self.on_done, None
