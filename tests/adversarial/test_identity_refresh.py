@@ -5,6 +5,8 @@ the manager's schedule runs in memory, so thirty simulated seconds take millisec
 """
 
 import asyncio
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
 
 import grpc
@@ -148,3 +150,18 @@ def test_control_plane_signs_a_one_second_request_for_the_minimum(tmp_path, ca, 
     chain = asyncio.run(service.sign(request, [("authorization", f"Bearer {token}")]))
     leaf = load_pem_certs(chain[0].encode())[0]
     assert leaf.not_valid_after_utc - clock.utc() == MIN_SECRET_TTL
+
+
+def test_node_agent_refuses_to_start_with_a_nonsensical_secret_ttl(tmp_path):
+    config = tmp_path / "local-config.yaml"
+    config.write_text("workloads: []\n")
+    args = ["--local-xds-path", str(config), "--node-name", "n", "--secret-ttl", "30s"]
+    result = subprocess.run(
+        [sys.executable, "-m", "ztagent", "node", *args, "--ca-dir", str(tmp_path / "ca")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode != 0
+    assert "--secret-ttl (SECRET_TTL): 30s is too short" in result.stderr
