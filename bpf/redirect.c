@@ -3,7 +3,13 @@
 // Attached on the ingress of pod host-side veths and of the node's uplink. For TCP/IPv4:
 //   1. a packet that belongs to an existing socket of this netns (established, request or
 //      time-wait, not a listener) is assigned to it and marked; captured flows need this
-//      because their destination address is not local;
+//      because their destination address is not local. That includes a SYN that reuses the
+//      4-tuple of one of the agent's sockets in TIME_WAIT (the server side closed first, the
+//      pod reuses its port): given to the listener instead, the kernel finds the duplicate
+//      tuple and drops the SYN (reqsk_queue_hash_req), and the pod retries until its connect
+//      times out. Given to the time-wait socket, the kernel answers with an ACK, the pod's RST
+//      to it ends the TIME_WAIT (tcp_rfc1337=0, the default), and the pod sends its SYN again
+//      after TCP_TIMEOUT_MIN (tcp_rcv_synsent_state_process), which then reaches the listener;
 //   2. any other packet arriving on an enrolled pod's veth goes to the outbound listener (the
 //      agent carries it with the pod's identity, also to pods on this node); else any other
 //      packet to an enrolled pod's IP goes to the HBONE listener (port 15008) or the plaintext
@@ -63,7 +69,6 @@
 
 #define ZT_PASS TC_ACT_UNSPEC
 #define ZT_TCP_LISTEN 10 /* BPF_TCP_LISTEN */
-#define ZT_TCP_TIME_WAIT 6 /* BPF_TCP_TIME_WAIT */
 
 BPF_HASH(inbound_pods, u32, u8, ZT_MAX_PODS);     /* pod IPv4, network order */
 BPF_HASH(outbound_ifaces, u32, u8, ZT_MAX_PODS);  /* host-side veth ifindex */
@@ -120,8 +125,7 @@ int zt_redirect(struct __sk_buff *skb)
     sk = (struct bpf_sock *)bpf_skc_lookup_tcp(skb, &tuple, sizeof(tuple.ipv4),
                                                BPF_F_CURRENT_NETNS, 0);
     if (sk) {
-        if (sk->state != ZT_TCP_LISTEN &&
-            !(sk->state == ZT_TCP_TIME_WAIT && tcp->syn && !tcp->ack)) {
+        if (sk->state != ZT_TCP_LISTEN) {
             err = bpf_sk_assign(skb, sk, 0);
             bpf_sk_release(sk);
             if (err)
