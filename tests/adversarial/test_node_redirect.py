@@ -1,5 +1,6 @@
-"""A captured connection whose server side closed first leaves the agent's socket in TIME_WAIT
-in the node namespace; a pod reusing the same source port must still connect, at once.
+"""Capture edge cases on real namespaces: a pod reusing the 4-tuple of one of the agent's
+sockets in TIME_WAIT must still connect, at once; with the agent down, captured connections
+are refused at once (a reset), not left to time out, and still reach nothing.
 
 The namespaces, the veths, the transparent helper "agent" (it answers and closes first) and
 the pod2 server are those of tests/integration/test_redirect.py.
@@ -10,6 +11,7 @@ from __future__ import annotations
 import sys
 import tempfile
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -35,7 +37,10 @@ RECONNECT = textwrap.dedent(
     started = time.monotonic()
     try:
         c.connect((dest, port))
-        line = c.recv(200).decode().strip()
+        data = b""
+        while chunk := c.recv(200):  # until the agent's FIN: the agent closes first
+            data += chunk
+        line = data.decode().strip()
         print(f"OK {time.monotonic() - started:.3f} {line}")
     except OSError as exc:
         print(f"ERROR {time.monotonic() - started:.3f} {type(exc).__name__}")
@@ -92,5 +97,30 @@ def test_syn_reusing_a_time_wait_tuple_reaches_the_agent(lab: Lab) -> None:
         # One challenge ACK, the pod's RST and a SYN retransmitted after TCP_TIMEOUT_MIN: far
         # below the 1 s initial RTO that a dropped SYN costs.
         assert float(second.split()[1]) < 0.5, second
+    finally:
+        if lab.agent is not None:
+            lab.kill_agent()
+        capture.stop()
+
+
+def test_without_an_agent_captured_connections_are_refused_at_once(lab: Lab) -> None:
+    from ztagent.redirect import Capture
+
+    capture = Capture(netns=NODE)
+    try:
+        capture.start()
+        p1h = capture.host_veth_for(POD1_IP)
+        capture.attach_pod_veth(p1h)
+        capture.attach_pod_veth(capture.host_veth_for(POD2_IP))
+        capture.enrol_pod(POD1_IP, p1h)
+        before = len(lab.server_lines())
+        # outbound from the enrolled pod, inbound HBONE and inbound plaintext to it
+        for ns, ip, port in ((POD1, POD2_IP, SERVER_PORT), (POD2, POD1_IP, 15008),
+                             (POD2, POD1_IP, 9999)):  # fmt: skip
+            started = time.monotonic()
+            reply = lab.connect(ns, ip, port, timeout=CONNECT_TIMEOUT)
+            assert reply.startswith("ERROR ConnectionRefusedError"), (ns, ip, port, reply)
+            assert time.monotonic() - started < 2.0
+        assert len(lab.server_lines()) == before
     finally:
         capture.stop()
