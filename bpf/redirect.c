@@ -3,14 +3,22 @@
 // Attached on the ingress of pod host-side veths and of the node's uplink. For TCP/IPv4:
 //   1. a packet that belongs to an existing socket of this netns (established, request or
 //      time-wait, not a listener) is assigned to it and marked; captured flows need this
-//      because their destination address is not local;
+//      because their destination address is not local. That includes a SYN that reuses the
+//      4-tuple of one of the agent's sockets in TIME_WAIT (the server side closed first, the
+//      pod reuses its port): given to the listener instead, the kernel finds the duplicate
+//      tuple and drops the SYN (reqsk_queue_hash_req), and the pod retries until its connect
+//      times out. Given to the time-wait socket, the kernel answers with an ACK, the pod's RST
+//      to it ends the TIME_WAIT (tcp_rfc1337=0, the default), and the pod sends its SYN again
+//      after TCP_TIMEOUT_MIN (tcp_rcv_synsent_state_process), which then reaches the listener;
 //   2. any other packet arriving on an enrolled pod's veth goes to the outbound listener (the
 //      agent carries it with the pod's identity, also to pods on this node); else any other
 //      packet to an enrolled pod's IP goes to the HBONE listener (port 15008) or the plaintext
 //      inbound listener (other ports). A SYN opens a flow there; a SYN-cookie ACK completes
 //      one (the kernel checks the cookie on the listener); anything else gets a reset. The
-//      chosen listener is assigned and the packet marked; with no listener the packet is
-//      dropped (fail closed). IP fragments of these flows are dropped: only the first would
+//      chosen listener is assigned and the packet marked; with no listener (the agent is down
+//      or restarting) a SYN is answered with a reset sent back where it came from, so clients
+//      fail at once rather than after their connect timeout, and any other packet is dropped
+//      (fail closed either way: nothing reaches the destination). IP fragments of these flows are dropped: only the first would
 //      carry a TCP header to look up;
 //   3. everything else passes untouched: TC_ACT_UNSPEC, so filters after ours still run.
 //
@@ -63,7 +71,6 @@
 
 #define ZT_PASS TC_ACT_UNSPEC
 #define ZT_TCP_LISTEN 10 /* BPF_TCP_LISTEN */
-#define ZT_TCP_TIME_WAIT 6 /* BPF_TCP_TIME_WAIT */
 
 BPF_HASH(inbound_pods, u32, u8, ZT_MAX_PODS);     /* pod IPv4, network order */
 BPF_HASH(outbound_ifaces, u32, u8, ZT_MAX_PODS);  /* host-side veth ifindex */
@@ -71,6 +78,69 @@ BPF_HASH(outbound_ifaces, u32, u8, ZT_MAX_PODS);  /* host-side veth ifindex */
 static __always_inline void zt_mark(struct __sk_buff *skb)
 {
     skb->mark = (skb->mark & ~(u32)ZT_MARK_MASK) | ZT_STEER_MARK;
+}
+
+/* One's-complement checksum update for a 16-bit word that changed from `old` to `new` (RFC
+ * 1624 eqn. 3); the sum does not depend on byte order, so raw packet words go in as they are. */
+static __always_inline u16 zt_csum_replace(u16 check, u16 old, u16 new)
+{
+    u32 sum = (u16)~check + (u16)~old + (u32)new;
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    return (u16)~sum;
+}
+
+/* A SYN of a captured flow with no agent listener to take it: turn it into the RST|ACK the
+ * destination would send for a closed port and send it back out of the device it came in
+ * through, so the client fails at once (ECONNREFUSED) instead of after its connect timeout.
+ * Still fail closed: nothing of the flow goes anywhere but back. Swapping the addresses and
+ * ports leaves both checksums as they are; seq, ack and flags are patched in. */
+static __always_inline int zt_refuse(struct __sk_buff *skb, struct ethhdr *eth, struct iphdr *ip,
+                                     struct tcphdr *tcp, u32 ihl)
+{
+    u8 mac[ETH_ALEN];
+    u16 *words = (u16 *)tcp;
+    u32 payload, seq, ack;
+    u16 old_flags, new_flags;
+    u32 addr;
+    u16 port;
+
+    if (!tcp->syn || tcp->ack || tcp->rst)
+        return TC_ACT_SHOT;
+    payload = bpf_ntohs(ip->tot_len);
+    if (payload < ihl + tcp->doff * 4)
+        return TC_ACT_SHOT;
+    payload -= ihl + tcp->doff * 4;
+    seq = tcp->seq;
+    ack = bpf_htonl(bpf_ntohl(seq) + 1 + payload);
+    old_flags = words[6];
+    tcp->rst = 1;
+    tcp->ack = 1;
+    tcp->syn = 0;
+    tcp->fin = 0;
+    tcp->psh = 0;
+    tcp->urg = 0;
+    tcp->ece = 0;
+    tcp->cwr = 0;
+    new_flags = words[6];
+    tcp->check = zt_csum_replace(tcp->check, old_flags, new_flags);
+    /* seq becomes 0 (the SYN carried no ACK), ack_seq becomes the SYN's seq + 1 + its data */
+    tcp->check = zt_csum_replace(tcp->check, (u16)seq, 0);
+    tcp->check = zt_csum_replace(tcp->check, (u16)(seq >> 16), 0);
+    tcp->check = zt_csum_replace(tcp->check, (u16)tcp->ack_seq, (u16)ack);
+    tcp->check = zt_csum_replace(tcp->check, (u16)(tcp->ack_seq >> 16), (u16)(ack >> 16));
+    tcp->seq = 0;
+    tcp->ack_seq = ack;
+    port = tcp->source;
+    tcp->source = tcp->dest;
+    tcp->dest = port;
+    addr = ip->saddr;
+    ip->saddr = ip->daddr;
+    ip->daddr = addr;
+    __builtin_memcpy(mac, eth->h_source, ETH_ALEN);
+    __builtin_memcpy(eth->h_source, eth->h_dest, ETH_ALEN);
+    __builtin_memcpy(eth->h_dest, mac, ETH_ALEN);
+    return bpf_redirect(skb->ifindex, 0);
 }
 
 int zt_redirect(struct __sk_buff *skb)
@@ -120,8 +190,7 @@ int zt_redirect(struct __sk_buff *skb)
     sk = (struct bpf_sock *)bpf_skc_lookup_tcp(skb, &tuple, sizeof(tuple.ipv4),
                                                BPF_F_CURRENT_NETNS, 0);
     if (sk) {
-        if (sk->state != ZT_TCP_LISTEN &&
-            !(sk->state == ZT_TCP_TIME_WAIT && tcp->syn && !tcp->ack)) {
+        if (sk->state != ZT_TCP_LISTEN) {
             err = bpf_sk_assign(skb, sk, 0);
             bpf_sk_release(sk);
             if (err)
@@ -151,10 +220,10 @@ int zt_redirect(struct __sk_buff *skb)
     sk = (struct bpf_sock *)bpf_skc_lookup_tcp(skb, &tuple, sizeof(tuple.ipv4),
                                                BPF_F_CURRENT_NETNS, 0);
     if (!sk)
-        return TC_ACT_SHOT;
+        return zt_refuse(skb, eth, ip, tcp, ihl);
     if (sk->state != ZT_TCP_LISTEN) {
         bpf_sk_release(sk);
-        return TC_ACT_SHOT;
+        return zt_refuse(skb, eth, ip, tcp, ihl);
     }
     err = bpf_sk_assign(skb, sk, 0);
     bpf_sk_release(sk);

@@ -268,7 +268,7 @@ def test_capture_end_to_end(lab: Lab) -> None:
         assert reply.startswith("agent 15001 "), reply
         assert _tc_ingress("ztt-p1h") == prog  # same filter, same program id
 
-        # agent gone: captured SYNs are dropped, nothing reaches the server
+        # agent gone: captured SYNs are refused with a reset, nothing reaches the server
         lab.kill_agent()
         before = len(lab.server_lines())
         reply = lab.connect(POD1, POD2_IP, SERVER_PORT, timeout=2.0)

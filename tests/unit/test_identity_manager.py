@@ -28,8 +28,10 @@ def _cert(identity: Identity, start: float, lifetime: float = DAY) -> WorkloadCe
     )
 
 
-def _schedule(initial_backoff: float = 0.5) -> CertificateSchedule:
-    return CertificateSchedule(initial_backoff=initial_backoff, rand=lambda: 0.0)
+def _schedule(initial_backoff: float = 0.5, min_refresh: float = 5.0) -> CertificateSchedule:
+    return CertificateSchedule(
+        initial_backoff=initial_backoff, min_refresh=min_refresh, rand=lambda: 0.0
+    )
 
 
 class Clock:
@@ -86,11 +88,11 @@ def test_refresh_exactly_at_half_life():
     assert s.due(T0 + DAY / 2) == [WEB]
 
 
-def test_half_life_counts_from_not_before():
+def test_half_life_counts_from_arrival_not_backdated_not_before():
     s = _schedule()
     s.track(WEB, T0)
     backdated = _cert(WEB, T0 - 60, DAY + 60)
-    assert s.succeeded(WEB, backdated, T0) == T0 - 60 + (DAY + 60) / 2
+    assert s.succeeded(WEB, backdated, T0) == T0 + DAY / 2
 
 
 def test_backoff_sequence():
@@ -149,8 +151,8 @@ def test_schedule_release_forgets():
 def test_short_lived_cert_does_not_spin():
     s = _schedule()
     s.track(WEB, T0)
-    stale = _cert(WEB, T0 - 100, 150)  # half life already passed
-    assert s.succeeded(WEB, stale, T0) == T0 + 0.5
+    stale = _cert(WEB, T0 - 100, 102)  # expires in 2 s
+    assert s.succeeded(WEB, stale, T0) == T0 + 5.0
 
 
 def test_due_is_soonest_first():
@@ -356,7 +358,7 @@ def test_release_during_fetch_does_not_resurrect():
 def test_prefetch_and_background_refresh():
     """Real time, short certificates: the loop must refresh at half life on its own."""
     ca = FakeCa(time.time, lifetime=0.2)
-    m = CertificateManager(ca, schedule=_schedule(initial_backoff=0.01))
+    m = CertificateManager(ca, schedule=_schedule(initial_backoff=0.01, min_refresh=0.01))
 
     async def main() -> None:
         m.start()

@@ -10,8 +10,9 @@ caller's own identity, unless the caller is a node agent asking for a workload t
 
 Refusals carry gRPC statuses: UNAUTHENTICATED (no, bad or expired token, unknown cluster),
 PERMISSION_DENIED (the caller may not have that identity), INVALID_ARGUMENT (unreadable CSR,
-negative lifetime), UNAVAILABLE (the token could not be checked right now). `decide` holds the
-rules without I/O; `CertificateService` is the gRPC adapter.
+negative lifetime), UNAVAILABLE (the token could not be checked right now). A lifetime outside
+[1 min, 90 days] is clamped into it and logged. `decide` and `granted_ttl` hold the rules
+without I/O; `CertificateService` is the gRPC adapter.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from ztagent.control.auth import (
 from ztagent.errors import ZtagentError
 from ztagent.identity.ca import CertificateAuthority, SigningRefused
 from ztagent.identity.keys import InvalidCsr, csr_identity
+from ztagent.identity.manager import MIN_SECRET_TTL
 from ztagent.identity.spiffe import Identity, InvalidIdentity
 from ztagent.xds.gen.istio.v1.auth import ca_pb2, ca_pb2_grpc
 
@@ -42,6 +44,9 @@ IMPERSONATED_IDENTITY = "ImpersonatedIdentity"
 CLUSTER_ID_HEADER = "clusterid"
 DEFAULT_CERT_TTL = timedelta(hours=24)
 MAX_CERT_TTL = timedelta(days=90)
+"""istiod's `--max-workload-cert-ttl` default (90 days)."""
+MIN_CERT_TTL = MIN_SECRET_TTL
+"""Shorter requests are raised to this: below it every workload would renew every few seconds."""
 
 
 class CertificateRefused(ZtagentError):
@@ -57,6 +62,34 @@ class CaPolicy:
     """`namespace/serviceaccount` of the node agents that may impersonate workloads."""
     default_ttl: timedelta = DEFAULT_CERT_TTL
     max_ttl: timedelta = MAX_CERT_TTL
+    min_ttl: timedelta = MIN_CERT_TTL
+
+
+def granted_ttl(policy: CaPolicy, requested_seconds: int) -> tuple[timedelta, str | None]:
+    """The lifetime to sign for a request, and why it differs from the request (None if not).
+
+    0 asks for the default; requests outside [min_ttl, max_ttl] are clamped into it rather than
+    refused, so one misconfigured agent still gets a usable certificate, and the reason is logged.
+    """
+    if requested_seconds < 0:
+        raise CertificateRefused(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"validity_duration must not be negative, got {requested_seconds}",
+        )
+    if requested_seconds == 0:
+        return policy.default_ttl, None
+    asked = timedelta(seconds=requested_seconds)
+    if asked < policy.min_ttl:
+        return policy.min_ttl, (
+            f"requested lifetime {requested_seconds}s is below the minimum "
+            f"{policy.min_ttl.total_seconds():g}s; signed for the minimum"
+        )
+    if asked > policy.max_ttl:
+        return policy.max_ttl, (
+            f"requested lifetime {requested_seconds}s is above the maximum "
+            f"{policy.max_ttl.total_seconds():g}s (--max-workload-cert-ttl); signed for the maximum"
+        )
+    return asked, None
 
 
 def cluster_of(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:
@@ -170,20 +203,11 @@ class CertificateService(ca_pb2_grpc.IstioCertificateServiceServicer):
         identity = decide(
             self._policy, caller, asked, _impersonated(request), self._identities_on_node
         )
-        if request.validity_duration < 0:
-            raise CertificateRefused(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"validity_duration must not be negative, got {request.validity_duration}",
-            )
-        ttl = (
-            timedelta(seconds=request.validity_duration)
-            if request.validity_duration
-            else self._policy.default_ttl
-        )
+        ttl, clamped = granted_ttl(self._policy, request.validity_duration)
+        if clamped:
+            log.warning("certificate for %s: %s", identity, clamped)
         try:
-            chain = self._ca.sign_csr(
-                request.csr.encode(), min(ttl, self._policy.max_ttl), expected=identity
-            )
+            chain = self._ca.sign_csr(request.csr.encode(), ttl, expected=identity)
         except SigningRefused as exc:
             raise CertificateRefused(grpc.StatusCode.PERMISSION_DENIED, str(exc)) from None
         log.info("issued a certificate for %s to %s", identity, caller.identity)

@@ -158,5 +158,8 @@ def _serve(args: argparse.Namespace) -> int:
         trusted_node_agents=trusted,
         serving_names=tuple(args.serving_name),
     )
+    from ztagent.fdlimit import raise_nofile_limit
+
+    raise_nofile_limit()
     asyncio.run(ControlServer(settings).run_forever())
     return 0

@@ -169,9 +169,18 @@ class WorkloadCertificate:
     def leaf(self) -> x509.Certificate:
         return x509.load_pem_x509_certificate(self.chain_pem[0])
 
-    def refresh_at(self) -> datetime:
-        """Half-way through the validity, as Istio does: time enough to retry if the CA is down."""
-        return self.not_before + (self.not_after - self.not_before) / 2
+    def refresh_at(self, received: datetime | None = None) -> datetime:
+        """Half-way through the validity left when the certificate arrived at `received`.
+
+        istio-agent measures its rotation (SECRET_GRACE_PERIOD_RATIO 0.5) from the moment it got
+        the certificate, not from notBefore: CAs backdate notBefore for clock skew (ours by a
+        minute), and half of the backdated span puts the refresh too early, or in the past for
+        a short lifetime. Without `received`, half of the whole validity (for display).
+        """
+        start = self.not_before
+        if received is not None:
+            start = min(max(received, self.not_before), self.not_after)
+        return start + (self.not_after - start) / 2
 
     def valid_at(self, now: datetime) -> bool:
         return self.not_before <= now < self.not_after

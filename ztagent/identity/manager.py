@@ -1,8 +1,9 @@
 """Keeps one fresh workload certificate per identity the node serves, the way istio-agent does.
 
-Rules: fetch on first use (or ahead of traffic via `prefetch`), refresh at half the validity,
-retry a failed fetch after 0.5 s, 1 s, 2 s ... capped at 150 s, keep serving the old certificate
-while it is still valid, and forget an identity once it is released.
+Rules: fetch on first use (or ahead of traffic via `prefetch`), refresh at half the validity
+left when the certificate arrived (never sooner than `MIN_REFRESH_DELAY`), retry a failed fetch
+after 0.5 s, 1 s, 2 s ... capped at 150 s, keep serving the old certificate while it is still
+valid, and forget an identity once it is released.
 
 `CertificateSchedule` is the whole policy as plain bookkeeping: time is an argument, and it
 answers which identities are due and when it next needs to be woken. `CertificateManager` is the
@@ -21,6 +22,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from functools import partial
 
 from ztagent.errors import LocalError
@@ -31,12 +33,40 @@ log = logging.getLogger(__name__)
 
 INITIAL_BACKOFF = 0.5
 MAX_BACKOFF = 150.0
+MIN_REFRESH_DELAY = 5.0
+"""Shortest time between a certificate's arrival and its refresh, whatever the CA hands out: a
+CA issuing certificates that live a few seconds costs one request per identity per 5 s, not a
+loop (istio-agent and ztunnel clamp a past refresh time to "now"; we add a floor)."""
+MIN_SECRET_TTL = timedelta(minutes=1)
+"""Shortest workload certificate lifetime we ask for: the CA backdates notBefore by a minute
+for clock skew, and anything shorter renews so often that the CA becomes the bottleneck."""
 DEFAULT_JITTER = 0.1
 MAX_SLEEP = 60.0
 """Longest single sleep: asyncio sleeps on a monotonic clock, so re-read the wall clock often."""
 
 Clock = Callable[[], float]
 Fetch = Callable[[Identity], Awaitable[WorkloadCertificate]]
+
+
+def check_secret_ttl(ttl: timedelta, flag: str = "--secret-ttl (SECRET_TTL)") -> timedelta:
+    """`ttl` when it is a lifetime worth asking for; a `LocalError` naming `flag` otherwise."""
+    if ttl < MIN_SECRET_TTL:
+        raise LocalError(
+            f"{flag}: {ttl.total_seconds():g}s is too short; workload certificates must live "
+            f"at least {MIN_SECRET_TTL.total_seconds():g}s (the CA backdates them by a minute "
+            "for clock skew and they are renewed at half their lifetime)"
+        )
+    return ttl
+
+
+def refresh_due(cert: WorkloadCertificate, now: float, floor: float = MIN_REFRESH_DELAY) -> float:
+    """When to refresh `cert` that arrived at `now`: half its remaining validity, at least `floor`.
+
+    A certificate that expires sooner than `floor` is still refreshed after `floor`: a CA that
+    hands out nearly expired certificates must not make every identity spin against it.
+    """
+    received = datetime.fromtimestamp(now, UTC)
+    return max(cert.refresh_at(received).timestamp(), now + floor)
 
 
 @dataclass(slots=True)
@@ -60,10 +90,12 @@ class CertificateSchedule:
         initial_backoff: float = INITIAL_BACKOFF,
         max_backoff: float = MAX_BACKOFF,
         jitter: float = DEFAULT_JITTER,
+        min_refresh: float = MIN_REFRESH_DELAY,
         rand: Callable[[], float] = random.random,
     ) -> None:
         if not 0.0 <= jitter < 1.0:
             raise ValueError(f"jitter must be in [0, 1), got {jitter}")
+        self._min_refresh = min_refresh
         self._initial = initial_backoff
         self._max = max_backoff
         self._jitter = jitter
@@ -127,8 +159,9 @@ class CertificateSchedule:
     def succeeded(self, identity: Identity, cert: WorkloadCertificate, now: float) -> float | None:
         """Store `cert`; returns when it is due for refresh (None if `identity` was released).
 
-        A certificate whose half life has already passed is refreshed after the initial backoff
-        rather than at once, so a CA handing out short-lived certs cannot make us spin.
+        The refresh comes at half the validity left at `now` and never sooner than the floor
+        (`refresh_due`), so a CA that backdates notBefore or hands out short-lived certificates
+        cannot make us spin.
         """
         entry = self._entries.get(identity)
         if entry is None:
@@ -136,7 +169,7 @@ class CertificateSchedule:
         entry.cert = cert
         entry.failures = 0
         entry.in_flight = False
-        entry.due = max(cert.refresh_at().timestamp(), now + self._initial)
+        entry.due = refresh_due(cert, now, self._min_refresh)
         return entry.due
 
     def failed(self, identity: Identity, now: float) -> float | None:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from ztagent.errors import LocalError, ZtagentError
+from ztagent.fdlimit import refused_counter, serve_guarded
 from ztagent.hbone.client import HboneClient, TunnelRefused
 from ztagent.hbone.connection import TcpLeg
 from ztagent.hbone.frames import format_authority
@@ -41,7 +42,7 @@ from ztagent.node import handover, inbound, outbound
 from ztagent.node.dump import CertificateStatus, config_dump
 from ztagent.node.inbound import PLAINTEXT_PORT, InboundRefused
 from ztagent.node.outbound import OpenTunnel, OutboundRefused, Relay
-from ztagent.node.relay import PlainRelay
+from ztagent.node.relay import AppLeg, PlainRelay
 from ztagent.node.routing import RoundRobin
 from ztagent.node.settings import WORKLOADS, NodeSettings
 from ztagent.redirect import Capture
@@ -67,7 +68,7 @@ from ztagent.xds.connection import ControlPlaneConnection, node_identity
 log = logging.getLogger(__name__)
 
 # Accept queue of every listener, as tokio's TcpListener::bind (ztunnel's) sets it: 1024. Pass
-# it to create_server too, which listens again on a given socket (with 100 by default).
+# it to create_server too (HBONE), which listens again on a given socket (100 by default).
 LISTEN_BACKLOG = 1024
 
 
@@ -92,6 +93,7 @@ class NodeAgent:
             check_all(settings.kernel_headers)
         self.state = ProxyState(settings.node_name, root_namespace=settings.root_namespace)
         self.metrics = Metrics()
+        self._fd_exhausted = refused_counter(self.metrics.registry)
         self.access_log = AccessLog()
         self.readiness = Readiness("config", "certificates")
         self.ca: CertificateAuthority | None = None
@@ -271,31 +273,33 @@ class NodeAgent:
 
     async def _listen(self) -> None:
         s = self.settings
-        loop = asyncio.get_running_loop()
         if isinstance(s.inbound_addr, tuple):
             await self.hbone.listen(*s.inbound_addr, transparent=True, reuse_port=self._reuse_port)
         if isinstance(s.inbound_plaintext_addr, tuple):
             self._servers.append(
-                await loop.create_server(
+                serve_guarded(
                     self._plain_inbound_protocol,
-                    sock=_listener(s.inbound_plaintext_addr, True, self._reuse_port),
-                    backlog=LISTEN_BACKLOG,
+                    _listener(s.inbound_plaintext_addr, True, self._reuse_port),
+                    name="inbound_plaintext",
+                    counter=self._fd_exhausted,
                 )
             )
         if isinstance(s.outbound_addr, tuple):
             self._servers.append(
-                await loop.create_server(
+                serve_guarded(
                     lambda: _Captured(self),
-                    sock=_listener(s.outbound_addr, True, self._reuse_port),
-                    backlog=LISTEN_BACKLOG,
+                    _listener(s.outbound_addr, True, self._reuse_port),
+                    name="outbound",
+                    counter=self._fd_exhausted,
                 )
             )
         if isinstance(s.socks5_addr, tuple):
             self._servers.append(
-                await loop.create_server(
+                serve_guarded(
                     self._socks5_protocol,
-                    sock=_listener(s.socks5_addr, False, self._reuse_port),
-                    backlog=LISTEN_BACKLOG,
+                    _listener(s.socks5_addr, False, self._reuse_port),
+                    name="socks5",
+                    counter=self._fd_exhausted,
                 )
             )
         await self._bind_workloads()
@@ -459,16 +463,16 @@ class NodeAgent:
             if not self.state.is_waypoint(w)
             for ip in w.addresses
         }
-        loop = asyncio.get_running_loop()
         for ip in sorted(wanted - self._bound_workloads):
             try:
                 if s.inbound_addr == WORKLOADS:
                     await self.hbone.listen(ip, HBONE_PORT, reuse_port=self._reuse_port)
                 if s.inbound_plaintext_addr == WORKLOADS:
-                    self._plain_servers[ip] = await loop.create_server(
+                    self._plain_servers[ip] = serve_guarded(
                         self._plain_inbound_protocol,
-                        sock=_listener((ip, PLAINTEXT_PORT), False, self._reuse_port),
-                        backlog=LISTEN_BACKLOG,
+                        _listener((ip, PLAINTEXT_PORT), False, self._reuse_port),
+                        name="inbound_plaintext",
+                        counter=self._fd_exhausted,
                     )
             except (LocalError, OSError) as exc:
                 log.error("cannot listen for workload %s: %s", ip, exc)
@@ -629,7 +633,7 @@ class NodeAgent:
             duration = time.monotonic() - started
             self.access_log.record(record.finished(sent, received, duration, error))
 
-        relay = PlainRelay(done)
+        relay = PlainRelay(done, half_close_timeout=self.settings.half_close_timeout)
         self._opened(labels)
         if inbound is not None and workload is not None:
             self._inbound[key] = _Inbound(inbound, workload.uid, relay.abort)
@@ -728,7 +732,7 @@ class NodeAgent:
     ) -> None:
         started = time.monotonic()
         labels, record = decision.labels, decision.record
-        leg = TcpLeg()
+        leg = AppLeg()
         leg.held = early
         if reply is not None:
             leg.on_response = tunnel_response(reply)
@@ -743,17 +747,17 @@ class NodeAgent:
             duration = time.monotonic() - started
             self.access_log.record(record.finished(leg.bytes_in, leg.bytes_out, duration, error))
 
+        leg.on_done = done
         try:
             hbone = await self._client_for(decision.source.identity)
-            leg.on_done = done
             await hbone.open(leg, decision.tunnel)
         except TunnelRefused as exc:
             flags = ResponseFlags.DENY if exc.code == 401 else ResponseFlags.CONNECT
             self.metrics.failed(labels.with_response_flags(flags))
+            leg.finished(str(exc))  # once: a no-op when the tunnel already reported it
         except ZtagentError as exc:
             self.metrics.failed(labels.with_response_flags(ResponseFlags.CONNECT))
-            if leg.on_done is None:  # never reached the tunnel: report it here
-                done(leg, str(exc))
+            leg.finished(str(exc))
             if reply is not None and leg.transport is not None:
                 leg.transport.write(reply(Reply.HOST_UNREACHABLE, None))
                 leg.transport.close()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from ztagent.fdlimit import raise_nofile_limit
+from ztagent.identity.manager import check_secret_ttl
 from ztagent.node import settings as node_settings
 
 
@@ -37,7 +39,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"capture clean-up done: {len(removed)} item(s) removed")
         return 0
     settings = node_settings.from_args(args)
+    check_secret_ttl(settings.secret_ttl)
     configure_logging(args.log_level, settings.log_format)
+    raise_nofile_limit()
 
     async def main() -> int:
         return await NodeAgent(settings).run()

@@ -4,18 +4,57 @@ inbound): two `PlainLeg` protocols joined by a `PlainRelay`.
 Reads go into the shared receive buffer and straight into the other leg's transport; a full
 transport pauses reading on the other side; EOF is passed on as a half-close; the relay ends
 when both directions have ended or either side fails.
+
+A half-closed relay does not wait forever for the other side: a port probe or health check
+that connects and closes leaves an upstream that may never answer its FIN, and each such relay
+would hold two descriptors for good. Once one direction has ended, the other may stay silent
+for at most `HALF_CLOSE_TIMEOUT`; then both sides are closed (bytes still moving reset the
+timer, so a slow response after the client's shutdown(SHUT_WR) still arrives).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
+import struct
 import time
 from collections.abc import Callable
 from typing import cast
 
+from ztagent.hbone.connection import TcpLeg
 from ztagent.hbone.transport import connect_socket, make_socket, receive_buffer
 
 CONNECT_TIMEOUT = 10.0
+_LINGER_RESET = struct.pack("ii", 1, 0)
+HALF_CLOSE_TIMEOUT = 60.0
+"""Silence allowed in the open direction after the other ended: Linux's tcp_fin_timeout (60 s),
+how long the client's own kernel would wait in FIN_WAIT_2 for a peer ignoring its FIN (HAProxy
+calls the same bound `timeout client-fin` / `timeout server-fin`)."""
+
+
+def reset_on_close(transport: asyncio.BaseTransport | None) -> None:
+    """SO_LINGER 0: closing `transport` now sends a RST, not a FIN.
+
+    What ztunnel does to the app when its upstream fails: a FIN would tell the app the stream
+    ended cleanly, and a transfer cut short would look complete."""
+    if transport is None or transport.is_closing():
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+
+
+class AppLeg(TcpLeg):
+    """The app's side of an outbound tunnel: when the tunnel fails it is reset, never ended
+    with a FIN (the tunnel code aborts the leg on every failure and closes it on a clean end)."""
+
+    __slots__ = ()
+
+    def abort(self) -> None:
+        reset_on_close(self.transport)
+        super().abort()
 
 
 class PlainLeg(asyncio.BufferedProtocol):
@@ -36,6 +75,7 @@ class PlainLeg(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         self.nbytes += nbytes
+        self.relay.active = True
         peer = self.peer
         if peer is None or peer.transport is None:
             return
@@ -50,6 +90,8 @@ class PlainLeg(asyncio.BufferedProtocol):
             peer.transport.write_eof()
         if peer is None or peer.eof:
             self.relay.finish(None)
+        else:
+            self.relay.half_closed()
         return True
 
     def pause_writing(self) -> None:
@@ -69,9 +111,23 @@ class PlainLeg(asyncio.BufferedProtocol):
 class PlainRelay:
     """Joins a downstream transport the agent accepted with an upstream it connects."""
 
-    __slots__ = ("done", "downstream", "on_done", "started", "upstream")
+    __slots__ = (
+        "active",
+        "done",
+        "downstream",
+        "half_close_timeout",
+        "on_done",
+        "started",
+        "timer",
+        "upstream",
+    )
 
-    def __init__(self, on_done: Callable[[PlainRelay, str | None], None] | None = None) -> None:
+    def __init__(
+        self,
+        on_done: Callable[[PlainRelay, str | None], None] | None = None,
+        *,
+        half_close_timeout: float = HALF_CLOSE_TIMEOUT,
+    ) -> None:
         self.downstream = PlainLeg(self)
         self.upstream = PlainLeg(self)
         self.downstream.peer = self.upstream
@@ -79,6 +135,9 @@ class PlainRelay:
         self.on_done = on_done
         self.done = False
         self.started = time.monotonic()
+        self.half_close_timeout = half_close_timeout
+        self.active = False
+        self.timer: asyncio.TimerHandle | None = None
 
     @property
     def bytes_from_client(self) -> int:
@@ -109,6 +168,12 @@ class PlainRelay:
         except BaseException:
             sock.close()
             raise
+        if downstream.is_closing():
+            # The client went away while the upstream connected: nothing will ever close it.
+            if self.upstream.transport is not None:
+                self.upstream.transport.close()
+            self.finish("client closed before the upstream connected")
+            return
         downstream.set_protocol(self.downstream)
         self.downstream.connection_made(downstream)
         if reply:
@@ -118,6 +183,24 @@ class PlainRelay:
             self.downstream.nbytes += len(held)
             self.upstream.transport.write(held)
         downstream.resume_reading()
+
+    def half_closed(self) -> None:
+        """One direction ended: bound how long the other may stay silent."""
+        if self.timer is None and not self.done:
+            self.active = False
+            loop = asyncio.get_running_loop()
+            self.timer = loop.call_later(self.half_close_timeout, self._half_close_check)
+
+    def _half_close_check(self) -> None:
+        self.timer = None
+        if self.done:
+            return
+        if self.active:
+            self.half_closed()
+            return
+        for leg in (self.downstream, self.upstream):
+            leg.eof = True
+        self.finish(None)
 
     def abort(self, error: str) -> None:
         for leg in (self.downstream, self.upstream):
@@ -131,8 +214,13 @@ class PlainRelay:
         if error is None and not (self.downstream.eof and self.upstream.eof):
             return  # one direction still open
         self.done = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
         for leg in (self.downstream, self.upstream):
             if leg.transport is not None:
+                if error is not None:
+                    reset_on_close(leg.transport)  # one side failed: reset the other
                 leg.transport.close()
         if self.on_done is not None:
             callback, self.on_done = self.on_done, None

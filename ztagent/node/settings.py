@@ -54,6 +54,7 @@ class NodeSettings:
     drain_timeout: float = 5.0
     handover_socket: str = ""
     """Unix socket for hitless upgrades (see `ztagent.node.handover`); empty: none."""
+    half_close_timeout: float = 60.0
     capture: bool = False
     uplink: str = "eth0"
     # SO_MARK on the agent's own connections, so capture never steers them back to it.
@@ -181,6 +182,12 @@ _FLAGS: list[tuple[str, str | None, str, str]] = [
         "Unix socket for hitless upgrades: an agent started with the same path takes over "
         "from the running one without dropping a connection (default: none)",
     ),
+    (
+        "--half-close-timeout",
+        None,
+        "60",
+        "seconds a plain relay waits in silence for the other side after one side's FIN",
+    ),
     ("--uplink", None, "eth0", "the node's uplink device, for inbound capture (with --capture)"),
     ("--mark", None, "0x539", "SO_MARK of the agent's own connections (with --capture)"),
     (
@@ -252,6 +259,7 @@ def from_args(args: argparse.Namespace) -> NodeSettings:
     except ValueError:
         raise LocalError(f"--mark: {v('--mark')!r} is not a number") from None
     drain = _seconds("--drain-timeout", v("--drain-timeout"))
+    half_close = _seconds("--half-close-timeout", v("--half-close-timeout"))
     return NodeSettings(
         local_xds_path=v("--local-xds-path"),
         node_name=v("--node-name"),
@@ -273,6 +281,7 @@ def from_args(args: argparse.Namespace) -> NodeSettings:
         deny_unknown=v("--unknown-destination") == "deny",
         drain_timeout=drain,
         handover_socket=v("--handover-socket"),
+        half_close_timeout=half_close,
         capture=bool(getattr(args, "capture", False)),
         uplink=v("--uplink"),
         mark=mark,

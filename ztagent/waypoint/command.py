@@ -145,7 +145,11 @@ def run(args: argparse.Namespace) -> int:
 
     settings = settings_from_args(args)
     configure_logging(args.log_level, settings.log_format)
+    from ztagent.fdlimit import raise_nofile_limit
+    from ztagent.identity.manager import check_secret_ttl
 
+    check_secret_ttl(settings.secret_ttl)
+    raise_nofile_limit()
     from ztagent.waypoint.server import WaypointServer
 
     async def main() -> int:
