@@ -8,17 +8,15 @@ routing in `routing.py`, authorization in `ztagent.istio.authorization.l4`, the 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import ipaddress
 import logging
 import signal
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from ztagent.errors import LocalError, ZtagentError
 from ztagent.fdlimit import refused_counter, serve_guarded
@@ -41,6 +39,12 @@ from ztagent.names import HBONE_PORT
 from ztagent.node import handover, inbound, outbound
 from ztagent.node.dump import CertificateStatus, config_dump
 from ztagent.node.inbound import PLAINTEXT_PORT, InboundRefused
+from ztagent.node.listeners import (
+    Address,
+    HeldConnection,
+    listening_socket,
+    migrate_accept_queues,
+)
 from ztagent.node.outbound import OpenTunnel, OutboundRefused, Relay
 from ztagent.node.relay import AppLeg, PlainRelay
 from ztagent.node.routing import RoundRobin
@@ -66,10 +70,6 @@ from ztagent.xds.caclient import CaClient
 from ztagent.xds.connection import ControlPlaneConnection, node_identity
 
 log = logging.getLogger(__name__)
-
-# Accept queue of every listener, as tokio's TcpListener::bind (ztunnel's) sets it: 1024. Pass
-# it to create_server too (HBONE), which listens again on a given socket (100 by default).
-LISTEN_BACKLOG = 1024
 
 
 @dataclass
@@ -260,7 +260,7 @@ class NodeAgent:
         our accept queues move to its listeners), release the admin, metrics and readiness
         ports, and drain what we hold."""
         self._handed_over = True
-        _migrate_accept_queues()
+        migrate_accept_queues()
         self._stop_accepting()
         for http in self._http:
             await http.close()
@@ -279,7 +279,7 @@ class NodeAgent:
             self._servers.append(
                 serve_guarded(
                     self._plain_inbound_protocol,
-                    _listener(s.inbound_plaintext_addr, True, self._reuse_port),
+                    listening_socket(s.inbound_plaintext_addr, True, self._reuse_port),
                     name="inbound_plaintext",
                     counter=self._fd_exhausted,
                 )
@@ -287,8 +287,8 @@ class NodeAgent:
         if isinstance(s.outbound_addr, tuple):
             self._servers.append(
                 serve_guarded(
-                    lambda: _Captured(self),
-                    _listener(s.outbound_addr, True, self._reuse_port),
+                    lambda: HeldConnection(self._on_captured),
+                    listening_socket(s.outbound_addr, True, self._reuse_port),
                     name="outbound",
                     counter=self._fd_exhausted,
                 )
@@ -297,7 +297,7 @@ class NodeAgent:
             self._servers.append(
                 serve_guarded(
                     self._socks5_protocol,
-                    _listener(s.socks5_addr, False, self._reuse_port),
+                    listening_socket(s.socks5_addr, False, self._reuse_port),
                     name="socks5",
                     counter=self._fd_exhausted,
                 )
@@ -470,7 +470,7 @@ class NodeAgent:
                 if s.inbound_plaintext_addr == WORKLOADS:
                     self._plain_servers[ip] = serve_guarded(
                         self._plain_inbound_protocol,
-                        _listener((ip, PLAINTEXT_PORT), False, self._reuse_port),
+                        listening_socket((ip, PLAINTEXT_PORT), False, self._reuse_port),
                         name="inbound_plaintext",
                         counter=self._fd_exhausted,
                     )
@@ -565,7 +565,19 @@ class NodeAgent:
         return Allow(decision.address, mark=self._mark, on_leg=on_leg)
 
     def _plain_inbound_protocol(self) -> asyncio.Protocol:
-        return _PlainInbound(self)
+        return HeldConnection(self._on_plain_inbound)
+
+    def _on_captured(
+        self, transport: asyncio.Transport, peer: Address, local: Address, held: list[bytes]
+    ) -> None:
+        """A connection the capture steered to the outbound listener: its local address is the
+        original destination."""
+        self._spawn(self.outbound(transport, peer, local, early=held))
+
+    def _on_plain_inbound(
+        self, transport: asyncio.Transport, peer: Address, local: Address, held: list[bytes]
+    ) -> None:
+        self._spawn(self.inbound_plain(transport, peer, local, held))
 
     def _socks5_protocol(self) -> asyncio.Protocol:
         return Socks5Listener(self._service_address, self._socks5_connect)
@@ -788,80 +800,3 @@ def _log_dry_run(verdict: Verdict | None, record: ConnectionRecord | None) -> No
     for name in verdict.dry_run_matches if verdict is not None else ():
         where = f"{record.src_addr} -> {record.dst_addr}" if record is not None else ""
         log.info("dry-run policy %s matched %s", name, where)
-
-
-def _listener(address: tuple[str, int], transparent: bool, reuse_port: bool) -> socket.socket:
-    family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuse_port:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if transparent:
-            with contextlib.suppress(PermissionError):
-                sock.setsockopt(socket.SOL_IP, socket.IP_TRANSPARENT, 1)
-        sock.bind(address)
-        sock.listen(LISTEN_BACKLOG)
-        sock.setblocking(False)
-    except OSError as exc:
-        sock.close()
-        raise LocalError(f"cannot listen on {format_authority(*address)}: {exc.strerror}") from None
-    return sock
-
-
-def _migrate_accept_queues() -> None:
-    """Let the kernel move connections waiting in a closed listener's queues to another
-    listener of its SO_REUSEPORT group (`net.ipv4.tcp_migrate_req`, Linux 5.14), so closing
-    ours on a handover resets none of them. Per network namespace; best effort."""
-    try:
-        Path("/proc/sys/net/ipv4/tcp_migrate_req").write_text("1\n")
-    except OSError as exc:
-        log.warning("cannot set net.ipv4.tcp_migrate_req: %s", exc)
-
-
-class _Holding(asyncio.Protocol):
-    """Until the agent takes the connection over, bytes the client sends are kept: the
-    transport may deliver a read even after `pause_reading()`."""
-
-    def __init__(self, agent: NodeAgent) -> None:
-        self.agent = agent
-        self.transport: asyncio.Transport | None = None
-        self.held: list[bytes] = []
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
-
-    def data_received(self, data: bytes) -> None:
-        self.held.append(data)
-        if self.transport is not None:
-            self.transport.pause_reading()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.transport = None
-
-    def addresses(self) -> tuple[tuple[str, int], tuple[str, int]]:
-        assert self.transport is not None
-        peer = self.transport.get_extra_info("peername")
-        local = self.transport.get_extra_info("sockname")
-        return (peer[0], peer[1]), (local[0], local[1])
-
-
-class _Captured(_Holding):
-    """A connection the capture steered to the outbound listener: its local address is the
-    original destination."""
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        assert self.transport is not None
-        self.transport.pause_reading()
-        peer, local = self.addresses()
-        self.agent._spawn(self.agent.outbound(self.transport, peer, local, early=self.held))
-
-
-class _PlainInbound(_Holding):
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        assert self.transport is not None
-        self.transport.pause_reading()
-        peer, local = self.addresses()
-        self.agent._spawn(self.agent.inbound_plain(self.transport, peer, local, self.held))
