@@ -425,7 +425,10 @@ def dial(pod_netns: str, address: tuple[str, int], timeout: float = 3.0) -> byte
     return netns.run_in(pod_netns, run, timeout * 2 + 5.0)
 
 
-def test_agent_killed_then_restarted(lab_dir: Path) -> None:
+@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGTERM], ids=["killed", "stopped"])
+def test_agent_killed_or_stopped_then_restarted(lab_dir: Path, stop: signal.Signals) -> None:
+    """A crashed agent and one stopped cleanly alike leave the capture in place: enrolled
+    pods' connections are refused, never carried in plaintext, until an agent runs again."""
     plan = lab_up_with_capture(lab_dir)
     node_b = plan.node("node-b")
     sleep, a_legacy, b_echo = plan.pod("a-sleep"), plan.pod("a-legacy"), plan.pod("b-echo")
@@ -439,8 +442,8 @@ def test_agent_killed_then_restarted(lab_dir: Path) -> None:
         assert st is not None
         agent = next(p for p in reversed(st.processes) if p.name == node_b.name)
         assert state.is_running(agent.pid, agent.start_time)
-        os.kill(agent.pid, signal.SIGKILL)
-        assert wait_until(lambda: not state.is_running(agent.pid, agent.start_time), 10.0)
+        os.kill(agent.pid, stop)
+        assert wait_until(lambda: not state.is_running(agent.pid, agent.start_time), 15.0)
 
         listener.peers.clear()
         for source in (sleep, a_legacy):

@@ -159,6 +159,7 @@ class NodeAgent:
         self._handed_over = False
         self._taking_over = False
         self._attach_capture = True  # False until a predecessor has handed over
+        self._capture_live = False  # attached: stays when the agent stops (fail closed)
         self._open_connections = 0
 
     # ------------------------------------------------------------------ lifecycle
@@ -203,6 +204,7 @@ class NodeAgent:
                 self._attach_capture = True
                 self._sync_capture(self.capture)
                 self.capture.attach(s.uplink)
+                self._capture_live = True
             if s.handover_socket:
                 self._handover = handover.HandoverServer(s.handover_socket, self._hand_over)
                 await self._handover.start()
@@ -219,9 +221,18 @@ class NodeAgent:
             if self._handover is not None:
                 await self._handover.close()
             if self.capture is not None:
-                # After a handover the program, rules and routes are the successor's; while a
-                # takeover has not happened they are still the predecessor's.
-                self.capture.stop(release=not (self._handed_over or self._taking_over))
+                # Fail closed: once attached, the capture outlives the agent (its program finds
+                # no listener and resets captured SYNs) until an agent starts again or
+                # `ztagent node --cleanup` removes it. After a handover the program, rules and
+                # routes are the successor's; while a takeover has not happened, the
+                # predecessor's. Only a start that never attached removes what it added.
+                keep = self._capture_live or self._handed_over or self._taking_over
+                if self._capture_live and not self._handed_over:
+                    log.info(
+                        "capture left in place: enrolled pods' connections are refused until an "
+                        "agent runs again (`ztagent node --cleanup` removes it)"
+                    )
+                self.capture.stop(release=not keep)
         return 0
 
     async def _start_http(self, retry_for: float) -> None:
