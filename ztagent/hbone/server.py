@@ -19,10 +19,11 @@ import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ztagent.errors import LocalError, RemoteError
+from ztagent.errors import RemoteError
 from ztagent.hbone.connection import ConnectionInfo, HboneConnection, TcpLeg
 from ztagent.hbone.events import ConnectRequest, Headers
 from ztagent.hbone.frames import Settings, parse_authority
+from ztagent.hbone.listen import listening_socket
 from ztagent.hbone.logbudget import LogBudget
 from ztagent.hbone.session import HboneSession, Role
 from ztagent.hbone.tls import TlsConfig
@@ -174,20 +175,7 @@ class HboneServer:
         """Listen on `host:port`; `reuse_port` shares the port with a successor agent's
         listener (SO_REUSEPORT) for a hitless upgrade."""
         loop = self._loop = asyncio.get_running_loop()
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if reuse_port:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            if transparent:
-                sock.setsockopt(socket.SOL_IP, socket.IP_TRANSPARENT, 1)
-            sock.bind((host, port))
-            sock.listen(1024)
-            sock.setblocking(False)
-        except OSError as exc:
-            sock.close()
-            raise LocalError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+        sock = listening_socket((host, port), transparent=transparent, reuse_port=reuse_port)
         self._listeners.append(sock)
         loop.add_reader(sock.fileno(), self._on_accept, sock)
         address = sock.getsockname()

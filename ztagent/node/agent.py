@@ -12,6 +12,7 @@ import errno
 import ipaddress
 import logging
 import signal
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from ztagent.fdlimit import refused_counter, serve_guarded
 from ztagent.hbone.client import HboneClient, TunnelRefused
 from ztagent.hbone.connection import TcpLeg
 from ztagent.hbone.frames import format_authority
+from ztagent.hbone.listen import listening_socket
 from ztagent.hbone.server import Allow, Deny, HboneServer, InboundRequest
 from ztagent.hbone.tls import TlsConfig
 from ztagent.http.server import HttpServer
@@ -42,7 +44,6 @@ from ztagent.node.inbound import PLAINTEXT_PORT, InboundRefused
 from ztagent.node.listeners import (
     Address,
     HeldConnection,
-    listening_socket,
     migrate_accept_queues,
 )
 from ztagent.node.outbound import OpenTunnel, OutboundRefused, Relay
@@ -277,6 +278,9 @@ class NodeAgent:
             await http.close()
         self._stop.set()
 
+    def _socket(self, address: tuple[str, int], *, transparent: bool) -> socket.socket:
+        return listening_socket(address, transparent=transparent, reuse_port=self._reuse_port)
+
     def _stop_accepting(self) -> None:
         for server in self._servers + list(self._plain_servers.values()):
             server.close()
@@ -290,7 +294,9 @@ class NodeAgent:
             self._servers.append(
                 serve_guarded(
                     self._plain_inbound_protocol,
-                    listening_socket(s.inbound_plaintext_addr, True, self._reuse_port),
+                    listening_socket(
+                        s.inbound_plaintext_addr, transparent=True, reuse_port=self._reuse_port
+                    ),
                     name="inbound_plaintext",
                     counter=self._fd_exhausted,
                 )
@@ -299,7 +305,9 @@ class NodeAgent:
             self._servers.append(
                 serve_guarded(
                     lambda: HeldConnection(self._on_captured),
-                    listening_socket(s.outbound_addr, True, self._reuse_port),
+                    listening_socket(
+                        s.outbound_addr, transparent=True, reuse_port=self._reuse_port
+                    ),
                     name="outbound",
                     counter=self._fd_exhausted,
                 )
@@ -308,7 +316,7 @@ class NodeAgent:
             self._servers.append(
                 serve_guarded(
                     self._socks5_protocol,
-                    listening_socket(s.socks5_addr, False, self._reuse_port),
+                    self._socket(s.socks5_addr, transparent=False),
                     name="socks5",
                     counter=self._fd_exhausted,
                 )
@@ -481,7 +489,9 @@ class NodeAgent:
                 if s.inbound_plaintext_addr == WORKLOADS:
                     self._plain_servers[ip] = serve_guarded(
                         self._plain_inbound_protocol,
-                        listening_socket((ip, PLAINTEXT_PORT), False, self._reuse_port),
+                        listening_socket(
+                            (ip, PLAINTEXT_PORT), transparent=False, reuse_port=self._reuse_port
+                        ),
                         name="inbound_plaintext",
                         counter=self._fd_exhausted,
                     )

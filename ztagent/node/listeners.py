@@ -1,47 +1,18 @@
-"""The node agent's listening sockets, and the protocol that holds an accepted connection
-until the agent takes it over. No decisions here."""
+"""The node agent's listeners: the protocol that holds an accepted connection until the agent
+takes it over, and the hitless-upgrade hand-off of accept queues. The sockets themselves come
+from `ztagent.hbone.listen`. No decisions here."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import cast
 
-from ztagent.errors import LocalError
-from ztagent.hbone.frames import format_authority
-
 log = logging.getLogger(__name__)
 
-# Accept queue of every listener, as tokio's TcpListener::bind (ztunnel's) sets it: 1024. Pass
-# it to create_server too (HBONE), which listens again on a given socket (100 by default).
-LISTEN_BACKLOG = 1024
-
 Address = tuple[str, int]
-
-
-def listening_socket(address: Address, transparent: bool, reuse_port: bool) -> socket.socket:
-    """A non-blocking listening socket with the agent's backlog; `transparent` sets
-    IP_TRANSPARENT where permitted, `reuse_port` SO_REUSEPORT (for a hitless upgrade)."""
-    family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuse_port:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if transparent:
-            with contextlib.suppress(PermissionError):
-                sock.setsockopt(socket.SOL_IP, socket.IP_TRANSPARENT, 1)
-        sock.bind(address)
-        sock.listen(LISTEN_BACKLOG)
-        sock.setblocking(False)
-    except OSError as exc:
-        sock.close()
-        raise LocalError(f"cannot listen on {format_authority(*address)}: {exc.strerror}") from None
-    return sock
 
 
 def migrate_accept_queues() -> None:
