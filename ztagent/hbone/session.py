@@ -633,7 +633,7 @@ class HboneSession:
             self._maybe_forget(stream)
             return
         status_text = next((v for k, v in headers if k == ":status"), "")
-        if not (len(status_text) == 3 and status_text.isdigit()):
+        if not (len(status_text) == 3 and status_text.isascii() and status_text.isdigit()):
             raise _StreamError(sid, ErrorCode.PROTOCOL_ERROR, "response without :status")
         status = int(status_text)
         if 100 <= status < 200:

@@ -1,0 +1,32 @@
+"""Inputs the fuzz targets found that once broke a parser; each must now be refused cleanly."""
+
+from __future__ import annotations
+
+from ztagent.hbone.events import ConnectionTerminated, ResponseReceived, StreamReset
+from ztagent.hbone.frames import ErrorCode, Flag, FrameType, pack_frame
+from ztagent.hbone.session import HboneSession, Role
+
+from .targets import TARGETS
+
+# `:status` as a literal without indexing (static index 8) whose value is b"\xb2\xb2\xb2":
+# "²²²" in latin-1, which str.isdigit() accepts and int() does not.
+SUPERSCRIPT_STATUS = bytes([0x08, 3]) + b"\xb2\xb2\xb2"
+
+
+def test_non_ascii_digit_status_resets_the_stream() -> None:
+    client = HboneSession(Role.CLIENT)
+    client.initiate()
+    sid = client.open_stream("10.0.0.1:80")
+    client.data_to_send()
+    events = client.receive_data(
+        pack_frame(FrameType.SETTINGS, 0, 0)
+        + pack_frame(FrameType.HEADERS, Flag.END_HEADERS, sid, SUPERSCRIPT_STATUS)
+    )
+    assert StreamReset(sid, ErrorCode.PROTOCOL_ERROR, remote=False) in events
+    assert not any(isinstance(e, ResponseReceived | ConnectionTerminated) for e in events)
+    assert not client.closed
+
+
+def test_non_ascii_digit_status_through_the_client_target() -> None:
+    headers = pack_frame(FrameType.HEADERS, Flag.END_HEADERS, 1, SUPERSCRIPT_STATUS)
+    TARGETS["hbone_client"](b"\x00\x80" + pack_frame(FrameType.SETTINGS, 0, 0) + headers)
