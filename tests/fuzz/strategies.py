@@ -13,7 +13,7 @@ from .targets import seeds
 # Bounded for CI: every fuzz test together stays well under a minute on a loaded machine.
 # The deadline catches runaway inputs (a regex or a loop gone quadratic), not slow machines.
 FUZZ_SETTINGS = settings(
-    max_examples=600,
+    max_examples=500,
     deadline=timedelta(seconds=5),
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )

@@ -12,6 +12,7 @@ import functools
 from collections.abc import Callable
 
 from . import targets_config as config
+from . import targets_request as request
 from . import targets_wire as wire
 
 Target = Callable[[bytes], None]
@@ -34,12 +35,14 @@ TARGETS: dict[str, Target] = {
     "destination": config.fuzz_destination,
     "authorization": config.fuzz_authorization,
     "request_authentication": config.fuzz_request_authentication,
+    "route_request": request.fuzz_route_request,
+    "authorization_request": request.fuzz_authorization_request,
 }
 
 
 @functools.cache
 def seeds() -> dict[str, list[bytes]]:
     """Valid inputs to start from, per target (each target also accepts any bytes)."""
-    found = {**wire.wire_seeds(), **config.config_seeds()}
+    found = {**wire.wire_seeds(), **config.config_seeds(), **request.request_seeds()}
     assert set(found) == set(TARGETS), set(found) ^ set(TARGETS)
     return found

@@ -19,6 +19,8 @@ CONFIG = [
     "destination",
     "authorization",
     "request_authentication",
+    "route_request",
+    "authorization_request",
 ]
 
 
