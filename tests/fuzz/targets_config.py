@@ -24,6 +24,7 @@ from ztagent.model.snapshot import ConfigSnapshot
 from .draw import Draw, literals
 
 DATA = Path(__file__).resolve().parent.parent / "data"
+_DUMPER: type[yaml.SafeDumper] = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 
 
 def _documents(text: str) -> list[Any]:
@@ -37,7 +38,8 @@ def _seed_files() -> list[Path]:
 def _dump(documents: list[Any]) -> bytes:
     """Documents as one YAML stream (what a directory file or `kubectl get -o yaml` holds)."""
     try:
-        return yaml.safe_dump_all(documents, allow_unicode=True).encode("utf-8", "surrogatepass")
+        text = yaml.dump_all(documents, Dumper=_DUMPER, allow_unicode=True)
+        return text.encode("utf-8", "surrogatepass")
     except (yaml.YAMLError, UnicodeError, RecursionError):
         return b""
 
