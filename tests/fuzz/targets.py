@@ -22,6 +22,7 @@ TARGETS: dict[str, Target] = {
     "hbone_client": wire.fuzz_hbone_client,
     "hbone_headers": wire.fuzz_hbone_headers,
     "forwarded": wire.fuzz_forwarded,
+    "waypoint_http1": wire.fuzz_waypoint_http1,
     "socks5": wire.fuzz_socks5,
     "xds_address": wire.fuzz_xds_address,
     "xds_authorization": wire.fuzz_xds_authorization,

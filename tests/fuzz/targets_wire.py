@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import h11
 import hpack
 import jwt as pyjwt
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -41,6 +42,7 @@ from ztagent.model.policy import Authorization
 from ztagent.model.workload import Service, Workload
 from ztagent.socks5.handshake import ConnectRequested, Failed, NeedMore, Socks5Handshake
 from ztagent.telemetry import tracing
+from ztagent.waypoint import http as waypoint_http
 from ztagent.xds import convert
 from ztagent.xds.gen.istio.security import authorization_pb2 as security_pb
 from ztagent.xds.gen.istio.workload import workload_pb2 as workload_pb
@@ -209,6 +211,31 @@ def fuzz_forwarded(data: bytes) -> None:
         return
     ipaddress.ip_address(ip)
     assert 0 < port < 65536
+
+
+# --- the waypoint's first bytes and HTTP/1 heads ---------------------------------------------
+
+
+def fuzz_waypoint_http1(data: bytes) -> None:
+    """Protocol sniffing on a tunnel's first bytes (a decided prefix stays decided), then an
+    HTTP/1 request head as the waypoint reads it from h11."""
+    verdict = waypoint_http.detect_protocol(data)
+    assert verdict in ("http1", "http2", "tcp", "more")
+    for cut in range(1, min(len(data), 256)):
+        early = waypoint_http.detect_protocol(data[:cut])
+        if early != "more":
+            assert early == verdict, (cut, early, verdict)
+            break
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=16 * 1024)
+    try:
+        conn.receive_data(data)
+        event = conn.next_event()
+    except h11.RemoteProtocolError:
+        return
+    if isinstance(event, h11.Request):
+        head, length = waypoint_http._h11_request_head(event, "HTTP/1.1")
+        assert length is None or length >= 0
+        assert all(not name.startswith(":") for name, _ in head.headers)
 
 
 # --- SOCKS5 ------------------------------------------------------------------------------------
@@ -529,6 +556,12 @@ def wire_seeds() -> dict[str, list[bytes]]:
         "hbone_client": [b"\x80\x02" + server_bytes, b"\x05\x02" + server_bytes],
         "hbone_headers": [block, bytes.fromhex("8782") + b"\x01\x0b10.0.0.1:80"],
         "forwarded": [b'for="10.0.0.2:1234";host=reviews', b"for=[::1]", b"For=10.0.0.1"],
+        "waypoint_http1": [
+            b"GET /api?q=1 HTTP/1.1\r\nHost: reviews:9080\r\nConnection: x-a\r\nx-a: 1\r\n"
+            b"Content-Length: 5\r\nTE: trailers, gzip\r\n\r\nhello",
+            b"POST http://reviews/x HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            PREFACE,
+        ],
         "socks5": [
             b"\x80\x05\x01\x00\x05\x01\x00\x01\x0a\x00\x00\x01\x00\x50early",
             b"\x01\x05\x02\x00\x02\x05\x01\x00\x03\x07example\x01\xbb",

@@ -17,6 +17,7 @@ WIRE = [
     "hbone_client",
     "hbone_headers",
     "forwarded",
+    "waypoint_http1",
     "socks5",
     "xds_address",
     "xds_authorization",
