@@ -5,6 +5,8 @@ from __future__ import annotations
 from ztagent.hbone.events import ConnectionTerminated, ResponseReceived, StreamReset
 from ztagent.hbone.frames import ErrorCode, Flag, FrameType, pack_frame
 from ztagent.hbone.session import HboneSession, Role
+from ztagent.istio.envelope import Resource
+from ztagent.istio.jwt import read_request_authentications
 
 from .targets import TARGETS
 
@@ -30,3 +32,18 @@ def test_non_ascii_digit_status_resets_the_stream() -> None:
 def test_non_ascii_digit_status_through_the_client_target() -> None:
     headers = pack_frame(FrameType.HEADERS, Flag.END_HEADERS, 1, SUPERSCRIPT_STATUS)
     TARGETS["hbone_client"](b"\x00\x80" + pack_frame(FrameType.SETTINGS, 0, 0) + headers)
+
+
+def test_jwks_uri_with_an_unclosed_ipv6_bracket_is_an_error_of_its_policy() -> None:
+    spec = {
+        "targetRefs": [{"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": "w"}],
+        "jwtRules": [{"issuer": "i", "jwksUri": "http://[::1/keys"}],
+    }
+    resource = Resource(
+        "ra.yaml", 0, "security.istio.io/v1", "RequestAuthentication", "ra", "ns", {"spec": spec}
+    )
+    config = read_request_authentications([resource])
+    assert config.policies == ()
+    [error] = config.errors
+    assert error.path == "spec.jwtRules[0].jwksUri"
+    assert "is not an http, https or file URI" in error.reason
