@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from ztagent.hbone.events import ConnectionTerminated, ResponseReceived, StreamReset
 from ztagent.hbone.frames import ErrorCode, Flag, FrameType, pack_frame
 from ztagent.hbone.session import HboneSession, Role
 from ztagent.istio.envelope import Resource
 from ztagent.istio.jwt import read_request_authentications
+from ztagent.telemetry.http import HttpServer, Response
 
 from .targets import TARGETS
 
@@ -47,3 +50,19 @@ def test_jwks_uri_with_an_unclosed_ipv6_bracket_is_an_error_of_its_policy() -> N
     [error] = config.errors
     assert error.path == "spec.jwtRules[0].jwksUri"
     assert "is not an http, https or file URI" in error.reason
+
+
+def test_admin_request_target_with_an_unclosed_ipv6_bracket_is_answered_400() -> None:
+    async def exchange() -> bytes:
+        server = HttpServer({"/": lambda request: Response.text("ok")}, name="test")
+        host, port = await server.start()
+        try:
+            reader, writer = await asyncio.open_connection(host, port)
+            writer.write(b"GET http://[x/ HTTP/1.1\r\nHost: a\r\n\r\n")
+            answer = await asyncio.wait_for(reader.read(), 5)
+            writer.close()
+            return answer
+        finally:
+            await server.close()
+
+    assert asyncio.run(exchange()).startswith(b"HTTP/1.1 400 ")

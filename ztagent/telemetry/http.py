@@ -249,7 +249,10 @@ class HttpServer:
                     raise _Reject(413, "request body too large")
             elif isinstance(event, h11.ConnectionClosed):
                 return None
-        split = urlsplit(target)
+        try:
+            split = urlsplit(target)
+        except ValueError:  # an unclosed "[" of an IPv6 host, among others
+            raise _Reject(400, "bad request target") from None
         query: dict[str, tuple[str, ...]] = {}
         for k, v in parse_qsl(split.query, keep_blank_values=True):
             query[k] = (*query.get(k, ()), v)
