@@ -23,6 +23,7 @@ TARGETS: dict[str, Target] = {
     "hbone_headers": wire.fuzz_hbone_headers,
     "forwarded": wire.fuzz_forwarded,
     "waypoint_http1": wire.fuzz_waypoint_http1,
+    "admin_http": wire.fuzz_admin_http,
     "socks5": wire.fuzz_socks5,
     "xds_address": wire.fuzz_xds_address,
     "xds_authorization": wire.fuzz_xds_authorization,

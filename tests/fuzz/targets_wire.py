@@ -7,9 +7,11 @@ refused the input with its documented error; any other exception escapes and is 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import ipaddress
 import json
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +43,7 @@ from ztagent.model.localconfig import parse_local_config
 from ztagent.model.policy import Authorization
 from ztagent.model.workload import Service, Workload
 from ztagent.socks5.handshake import ConnectRequested, Failed, NeedMore, Socks5Handshake
+from ztagent.telemetry import http as telemetry_http
 from ztagent.telemetry import tracing
 from ztagent.waypoint import http as waypoint_http
 from ztagent.xds import convert
@@ -562,6 +565,12 @@ def wire_seeds() -> dict[str, list[bytes]]:
             b"POST http://reviews/x HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
             PREFACE,
         ],
+        "admin_http": [
+            b"GET /stats/prometheus?usedonly&x=1 HTTP/1.1\r\nHost: a\r\n\r\n"
+            b"POST /quitquitquit HTTP/1.1\r\nContent-Length: 2\r\n\r\nhi",
+            b"PUT /x HTTP/1.1\r\nExpect: 100-continue\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"2\r\nhi\r\n0\r\n\r\n",
+        ],
         "socks5": [
             b"\x80\x05\x01\x00\x05\x01\x00\x01\x0a\x00\x00\x01\x00\x50early",
             b"\x01\x05\x02\x00\x02\x05\x01\x00\x03\x07example\x01\xbb",
@@ -574,3 +583,45 @@ def wire_seeds() -> dict[str, list[bytes]]:
         "jwt": [b"\x00" + token.encode(), b"\x02\x00\x00\x00\x00\x00"],
         "jwks": [b"\x01" + json.dumps({"keys": [_JWK]}).encode(), b"\x00\x01\x00"],
     }
+
+
+# --- the admin, stats and readiness HTTP server ------------------------------------------------
+
+_LOOP = asyncio.new_event_loop()
+_ADMIN = telemetry_http.HttpServer({}, name="fuzz", max_head_bytes=4096, max_body_bytes=4096)
+
+
+class _Sink:
+    """Where the server writes a `100 Continue`; the bytes are dropped."""
+
+    def write(self, data: bytes) -> None:
+        pass
+
+
+async def _read_requests(data: bytes) -> None:
+    reader = asyncio.StreamReader()
+    reader.feed_data(data)
+    reader.feed_eof()
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=_ADMIN.max_head_bytes)
+    writer = typing.cast(asyncio.StreamWriter, _Sink())
+    for _ in range(3):
+        try:
+            request = await _ADMIN._read_request(conn, reader, writer, "fuzz")
+        except telemetry_http._Reject as exc:
+            assert 400 <= exc.status <= 599
+            return
+        if request is None:
+            return
+        assert request.path.startswith("/") or request.path == "*" or request.path
+        if conn.our_state is not h11.SEND_RESPONSE:
+            return
+        conn.send(h11.Response(status_code=204, headers=[]))
+        conn.send(h11.EndOfMessage())
+        if conn.their_state is not h11.DONE:
+            return
+        conn.start_next_cycle()
+
+
+def fuzz_admin_http(data: bytes) -> None:
+    """Requests to the admin/stats servers (15000, 15020): a request, or a 4xx/5xx answer."""
+    _LOOP.run_until_complete(_read_requests(data))

@@ -18,6 +18,7 @@ WIRE = [
     "hbone_headers",
     "forwarded",
     "waypoint_http1",
+    "admin_http",
     "socks5",
     "xds_address",
     "xds_authorization",
