@@ -9,6 +9,7 @@ from ztagent.hbone.frames import ErrorCode, Flag, FrameType, pack_frame
 from ztagent.hbone.session import HboneSession, Role
 from ztagent.istio.envelope import Resource
 from ztagent.istio.jwt import read_request_authentications
+from ztagent.istio.routes import parse_routes
 from ztagent.telemetry.http import HttpServer, Response
 
 from .targets import TARGETS
@@ -66,3 +67,16 @@ def test_admin_request_target_with_an_unclosed_ipv6_bracket_is_answered_400() ->
             await server.close()
 
     assert asyncio.run(exchange()).startswith(b"HTTP/1.1 400 ")
+
+
+def test_direct_response_body_with_a_lone_surrogate_is_an_error_of_its_route() -> None:
+    # YAML's "\ud800" escape (and JSON's) gives a lone surrogate, which UTF-8 cannot encode.
+    body = {"string": "\ud800"}
+    spec = {"hosts": ["reviews"], "http": [{"directResponse": {"status": 200, "body": body}}]}
+    resource = Resource(
+        "vs.yaml", 0, "networking.istio.io/v1", "VirtualService", "vs", "ns", {"spec": spec}
+    )
+    config = parse_routes([resource])
+    assert config.virtual_services == ()
+    [error] = config.errors
+    assert error.path == "spec.http[0].directResponse.body.string"
