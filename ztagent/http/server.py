@@ -241,7 +241,10 @@ class HttpServer:
             record.reading_since = None
         if data is None:
             return _closing(Response.text("request body too large\n", 413))
-        split = urlsplit(head.path)
+        try:
+            split = urlsplit(head.path)
+        except ValueError:  # an unclosed "[" of an IPv6 host, among others
+            return _closing(Response.text("bad request target\n", 400))
         query: dict[str, tuple[str, ...]] = {}
         for k, v in parse_qsl(split.query, keep_blank_values=True):
             query[k] = (*query.get(k, ()), v)

@@ -319,7 +319,10 @@ def _jwks_source(data: Mapping[str, Any], path: str) -> tuple[JwksSource, str | 
     inline = _str(data.get("jwks"), _at(path, "jwks")) or None
     uri = _str(data.get("jwksUri"), _at(path, "jwksUri")) or None
     if uri is not None:
-        parts = urllib.parse.urlsplit(uri)
+        try:
+            parts = urllib.parse.urlsplit(uri)
+        except ValueError:  # an unclosed "[" of an IPv6 host, among others
+            parts = urllib.parse.SplitResult("", "", "", "", "")
         if parts.scheme not in ("file", "http", "https") or (
             parts.scheme != "file" and not parts.netloc
         ):

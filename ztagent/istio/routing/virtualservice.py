@@ -421,7 +421,10 @@ def _vs_direct_response(value: object, path: str) -> DirectResponse:
         raise Invalid(bpath, "only one of string and bytes may be set")
     body = b""
     if "string" in body_data:
-        body = _str(body_data["string"], _at(bpath, "string")).encode()
+        try:
+            body = _str(body_data["string"], _at(bpath, "string")).encode()
+        except UnicodeEncodeError:  # a lone surrogate, which YAML and JSON escapes can give
+            raise Invalid(_at(bpath, "string"), "is not valid Unicode text") from None
     elif "bytes" in body_data:
         text = _str(body_data["bytes"], _at(bpath, "bytes"))
         try:

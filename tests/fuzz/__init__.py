@@ -1,0 +1,1 @@
+"""Fuzz targets for the parsers that read network or configuration input (see `targets.py`)."""
