@@ -219,6 +219,19 @@ def _join_cookies(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
 # ------------------------------------------------------------------ HTTP/2 server
 
 
+def _h2_connection(
+    *, client_side: bool, settings: dict[h2.settings.SettingCodes, int]
+) -> h2.connection.H2Connection:
+    """An h2 connection with bytes headers and our stream window (H2_STREAM_WINDOW)."""
+    config = h2.config.H2Configuration(client_side=client_side, header_encoding=None)
+    conn = h2.connection.H2Connection(config=config)
+    conn.local_settings = h2.settings.Settings(
+        client=client_side,
+        initial_values={h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: H2_STREAM_WINDOW, **settings},
+    )
+    return conn
+
+
 class _H2Server(_H2Link):
     def __init__(
         self,
@@ -227,13 +240,10 @@ class _H2Server(_H2Link):
         handler: Handler,
         max_concurrent_streams: int,
     ) -> None:
-        config = h2.config.H2Configuration(client_side=False, header_encoding=None)
-        conn = h2.connection.H2Connection(config=config)
-        conn.local_settings = h2.settings.Settings(
-            client=False,
-            initial_values={
+        conn = _h2_connection(
+            client_side=False,
+            settings={
                 h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: max_concurrent_streams,
-                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: H2_STREAM_WINDOW,
                 h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: H2_MAX_HEADER_LIST,
             },
         )
@@ -426,13 +436,10 @@ class Http2Client(_H2Link):
         *,
         max_concurrent_streams: int = 100,
     ) -> None:
-        config = h2.config.H2Configuration(client_side=True, header_encoding=None)
-        conn = h2.connection.H2Connection(config=config)
-        conn.local_settings = h2.settings.Settings(
-            client=True,
-            initial_values={
+        conn = _h2_connection(
+            client_side=True,
+            settings={
                 h2.settings.SettingCodes.ENABLE_PUSH: 0,
-                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: H2_STREAM_WINDOW,
                 h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: max_concurrent_streams,
             },
         )
