@@ -112,3 +112,23 @@ def test_a_silent_peer_is_dropped(sock_path: Path, monkeypatch: pytest.MonkeyPat
 def test_request_without_an_agent_fails_clearly(sock_path: Path) -> None:
     with pytest.raises(handover.HandoverError, match="cannot reach the running agent"):
         asyncio.run(handover.request_takeover(sock_path, timeout=1.0))
+
+
+def test_an_overlong_line_is_dropped_without_a_takeover(sock_path: Path) -> None:
+    async def main() -> None:
+        async def on_takeover() -> None:
+            raise AssertionError("an overlong request must not take over")
+
+        server = handover.HandoverServer(sock_path, on_takeover)
+        await server.start()
+        reader, writer = await asyncio.open_unix_connection(str(sock_path))
+        writer.write(b"T" * (handover.MAX_LINE * 8))
+        assert await asyncio.wait_for(reader.read(), timeout=5.0) in (
+            b"",
+            b"BUSY unknown request\n",
+        )
+        writer.close()
+        assert not server.handed_over
+        await server.close()
+
+    asyncio.run(main())

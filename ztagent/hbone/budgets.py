@@ -110,20 +110,23 @@ class FloodGuard:
 
     def frame(self, ftype: int, length: int, flags: int) -> str | None:
         """Called for every frame header received."""
-        if ftype != FrameType.DATA:
-            self.batch_frames += 1
         b = self.b
+        if ftype == FrameType.DATA:  # the data path: one test for the common case
+            if length or flags & Flag.END_STREAM:
+                self._empty_run = 0
+                return None
+            self._empty_run += 1
+            if self._empty_run > b.max_consecutive_empty_frames:
+                return "too many frames with an empty payload"
+            return None
+        self.batch_frames += 1
         if length == 0 and (
-            (ftype == FrameType.DATA and not flags & Flag.END_STREAM)
-            or (
-                ftype in (FrameType.HEADERS, FrameType.CONTINUATION)
-                and not flags & Flag.END_HEADERS
-            )
+            ftype in (FrameType.HEADERS, FrameType.CONTINUATION) and not flags & Flag.END_HEADERS
         ):
             self._empty_run += 1
             if self._empty_run > b.max_consecutive_empty_frames:
                 return "too many frames with an empty payload"
-        elif ftype in (FrameType.DATA, FrameType.HEADERS, FrameType.CONTINUATION):
+        elif ftype in (FrameType.HEADERS, FrameType.CONTINUATION):
             self._empty_run = 0
         if ftype == FrameType.HEADERS:
             self.continuations = 0

@@ -76,7 +76,7 @@ async def request_takeover(path: str | Path, timeout: float = HANDSHAKE_TIMEOUT)
     """Ask the agent at `path` to stop accepting and release its ports; returns once it has."""
     try:
         reader, writer = await asyncio.wait_for(
-            asyncio.open_unix_connection(str(path)), timeout=timeout
+            asyncio.open_unix_connection(str(path), limit=MAX_LINE), timeout=timeout
         )
     except (OSError, TimeoutError) as exc:
         raise HandoverError(f"cannot reach the running agent at {path}: {exc}") from None
@@ -112,7 +112,9 @@ class HandoverServer:
                 self.path.unlink()
         old_umask = os.umask(0o177)
         try:
-            self._server = await asyncio.start_unix_server(self._serve, str(self.path))
+            self._server = await asyncio.start_unix_server(
+                self._serve, str(self.path), limit=MAX_LINE
+            )
         finally:
             os.umask(old_umask)
         log.info("handover socket %s: a new agent started with it takes over", self.path)
@@ -120,7 +122,7 @@ class HandoverServer:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             line = await asyncio.wait_for(reader.readline(), timeout=HANDSHAKE_TIMEOUT)
-            if len(line) > MAX_LINE or line != TAKEOVER:
+            if line != TAKEOVER:
                 writer.write(b"BUSY unknown request\n")
                 return
             if self._taken:
